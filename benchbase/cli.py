@@ -1,0 +1,169 @@
+"""The ``benchbase`` command. Thin: heavy modules (torch, diffusers) are imported inside
+the commands that need them, so ``benchbase --help`` and ``benchbase plugins`` stay fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from benchbase.errors import BenchbaseError
+
+KINDS = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "suites")
+
+
+class CLI(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BenchbaseError as exc:  # a user-facing problem: one clear line, no traceback
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=CLI, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="benchbase")
+def main():
+    """benchbase: benchmark protective perturbations, purifiers and defenses for personalized
+    diffusion models on one protocol.
+
+    \b
+    benchbase run                  run the built-in smoke suite (offline, CPU, minutes)
+    benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
+    benchbase leaderboard RUN_DIR  write markdown + CSV tables
+    benchbase ls attacks           list component names of a family
+    """
+
+
+@main.command()
+@click.option("--all", "show_all", is_flag=True, help="Also list every component of every plugin.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(show_all: bool, as_json: bool):
+    """List installed plugins, their versions and any that failed to load."""
+    from benchbase.plugins import FAMILIES, get_plugin_manager
+
+    pm = get_plugin_manager()
+    components = {f: pm.entries(f) for f in FAMILIES}
+    if as_json:
+        out = {
+            "plugins": [vars(p) for p in pm.plugins.values()],
+            "failures": [vars(p) for p in pm.failures],
+            "components": {f: [{"name": e.name, "version": e.version, "plugin": e.plugin,
+                                "description": e.description} for e in entries.values()]
+                           for f, entries in components.items()},
+        }
+        click.echo(json.dumps(out, indent=1))
+        return
+    for info in sorted(pm.plugins.values(), key=lambda p: p.name):
+        counts = {f: sum(1 for e in components[f].values() if e.plugin == info.name) for f in FAMILIES}
+        what = ", ".join(f"{n} {f}" for f, n in counts.items() if n) or "nothing registered"
+        dist = f"{info.distribution} {info.version}" if info.distribution else info.source
+        click.echo(f"{info.name:<16} {dist:<24} {what}")
+        if show_all:
+            for f in FAMILIES:
+                for e in components[f].values():
+                    if e.plugin == info.name:
+                        click.echo(f"    {f[:-1]:<12} {e.name:<16} v{e.version:<4} {e.description}")
+    for info in pm.failures:
+        click.echo(f"{info.name:<16} FAILED TO LOAD: {info.error}")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(KINDS))
+@click.option("-l", "--long", "long_", is_flag=True, help="Show version, plugin and description.")
+def ls(kind: str, long_: bool):
+    """List the component names of KIND, one per line."""
+    if kind == "suites":
+        from benchbase.suite import builtin_suites
+
+        for name in sorted(builtin_suites()):
+            click.echo(name)
+        return
+    from benchbase.plugins import get_plugin_manager
+
+    for entry in get_plugin_manager().entries(kind).values():
+        click.echo(f"{entry.name}\tv{entry.version}\t{entry.plugin}\t{entry.description}" if long_ else entry.name)
+
+
+def _default_run_dir(name: str) -> Path:
+    return Path("runs") / name
+
+
+@main.command()
+@click.argument("suite", required=False)
+@click.option("--run-dir", type=click.Path(path_type=Path), help="Where results go (default: runs/<suite name>).")
+@click.option("--store", type=click.Path(path_type=Path), help="Artifact store to share between runs (default: RUN_DIR/store).")
+@click.option("--device", help="Override the suite's device (auto, cpu, cuda, cuda:1).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
+def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str | None, progress: bool | None):
+    """Run SUITE (a TOML file or a built-in suite name; default: the smoke suite).
+
+    Every stage is cached: running the same command again resumes an interrupted run and
+    recomputes nothing that finished.
+    """
+    from benchbase.suite import load_suite
+
+    spec = load_suite(suite)
+    run_dir = run_dir or _default_run_dir(spec.name)
+    from benchbase import leaderboard
+    from benchbase.pipeline import Runner
+
+    click.echo(f"suite {spec.name} ({spec.source}, hash {spec.hash}): {spec.n_cells} cells per identity -> {run_dir}")
+    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device)
+    summary = runner.run()
+    failed = summary.failed
+    click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "
+               f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed")
+    for rec in failed[:5]:
+        click.echo(f"  failed: {rec['identity']} {rec['attack']}/{rec['purifier']}/{rec['defense']}/"
+                   f"{rec['personalizer']} {rec['metric']}: {rec['error']}", err=True)
+    if summary.records:
+        md, _ = leaderboard.write(run_dir)
+        click.echo(f"leaderboard: {md}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def status(run_dir: Path):
+    """Show the progress of a run (also while it is running)."""
+    from benchbase.store import RESULTS, RUN_JSON, DONE
+
+    info_path = run_dir / RUN_JSON
+    if not info_path.is_file():
+        raise BenchbaseError(f"{run_dir} is not a benchbase run folder (no {RUN_JSON})")
+    info = json.loads(info_path.read_text())
+    click.echo(f"suite {info['suite']} (hash {info['suite_hash']}), status {info['status']}, device {info['device']}")
+    click.echo(f"model: {info['backend']['description']}")
+    records = []
+    if (run_dir / RESULTS).is_file():
+        records = [json.loads(line) for line in (run_dir / RESULTS).read_text().splitlines() if line.strip()]
+    by_status: dict[str, int] = {}
+    for r in records:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    click.echo("records: " + (", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none yet"))
+    store = run_dir / "store"
+    if store.is_dir():
+        done = {d.name: sum(1 for _ in d.glob(f"*/*/{DONE}")) for d in sorted(store.iterdir()) if d.is_dir()}
+        click.echo("stages in store: " + ", ".join(f"{k} {v}" for k, v in done.items() if v))
+    if "seconds" in info:
+        click.echo(f"last run: {info['seconds']} s, executed {info.get('executed')}, cached {info.get('cached')}")
+
+
+@main.command("leaderboard")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: RUN_DIR/leaderboard).")
+@click.option("--quiet", is_flag=True, help="Do not print the markdown.")
+def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
+    """Write leaderboard tables (markdown + CSV) of a run."""
+    from benchbase import leaderboard
+
+    md, text = leaderboard.write(run_dir, out)
+    if not quiet:
+        click.echo(text)
+    click.echo(f"written: {md}")
+
+
+if __name__ == "__main__":
+    main()

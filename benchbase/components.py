@@ -1,0 +1,332 @@
+"""Base classes of the component families and the contexts the core hands them.
+
+Conventions at every boundary (see docs/architecture.md):
+- images are ``torch.float32`` tensors, NCHW, RGB, range [0, 1];
+- budgets are in 8-bit levels (``eps = 8`` means 8/255 in [0, 1]);
+- every random choice uses ``ctx.generator`` (a CPU ``torch.Generator`` the core derives
+  from the cell seed and the stage); draw on CPU and move to ``ctx.device``;
+- device and dtype are explicit in ``ctx``.
+
+Each component has a ``name`` and ``version`` (set by the plugin registry from the
+registration) and validated parameters in a nested pydantic ``Params`` model whose
+defaults are the method's official defaults. Unknown parameters are an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from benchbase.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported only by code that runs components
+    import torch
+
+    from benchbase.models.sd import SDModels
+
+
+class Params(BaseModel):
+    """Parameters of a component; subclass and add fields with the official defaults."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Component:
+    """Common behaviour: name, version, validated parameters."""
+
+    name: str = ""
+    version: str = "0"
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, **params: Any):
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as exc:
+            label = self.name or type(self).__name__
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ConfigError(f"{label}: {problems}") from None
+
+    def config(self) -> dict:
+        """Parameters as plain JSON values (part of cache keys and provenance)."""
+        return self.params.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r}, {self.config()})"
+
+
+# ---------------------------------------------------------------------------------------
+# Data handed to components
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prompts:
+    """The prompts of the DreamBooth protocol for one identity."""
+
+    instance: str = "a photo of sks person"
+    class_: str = "a photo of person"
+    eval: list[str] = field(default_factory=lambda: ["a photo of sks person", "a dslr portrait of sks person"])
+    negative: str = ""
+    identifier: str = "sks"
+    class_noun: str = "person"
+
+
+@dataclass
+class IdentityData:
+    """One identity in the Anti-DreamBooth layout, preprocessed to the run resolution.
+
+    ``set_A``: clean images the protector may use; ``set_B``: the images that get
+    protected and fine-tuned on; ``set_C``: clean references for metrics. Each is an
+    (N, 3, H, W) float tensor in [0, 1] on the 8-bit grid (so budgets are checked against
+    exactly what a PNG holds).
+    """
+
+    name: str
+    set_A: "torch.Tensor"
+    set_B: "torch.Tensor"
+    set_C: "torch.Tensor"
+    files: dict[str, list[str]] = field(default_factory=dict)
+
+
+class SharedStages:
+    """Access to cached stages shared across cells (class images, FSMG surrogates...).
+
+    ``get_or_compute(stage, key, compute)`` returns the folder of the stage whose key
+    hashes ``key``; ``compute(folder)`` fills it the first time only (atomically).
+    """
+
+    def __init__(self, fn: Callable[[str, dict, Callable[[Path], None]], Path]):
+        self._fn = fn
+
+    def get_or_compute(self, stage: str, key: dict, compute: Callable[[Path], None]) -> Path:
+        return self._fn(stage, key, compute)
+
+
+@dataclass
+class Threat:
+    """What an adaptive attack will face (filled by the core when ``adaptive = true``)."""
+
+    purifiers: list["Purifier"] = field(default_factory=list)
+    defense: "Defense | None" = None
+    training_prompts: Prompts | None = None
+
+    def purify_differentiable(self, images: "torch.Tensor", ctx: "Context") -> "torch.Tensor":
+        for purifier in self.purifiers:
+            images = purifier.differentiable_view(images, ctx)
+        return images
+
+
+def _no_progress(iterable: Iterable, **_: Any) -> Iterable:
+    return iterable
+
+
+@dataclass
+class Context:
+    """Everything a component may use besides its input images."""
+
+    device: "torch.device"
+    dtype: "torch.dtype"
+    seed: int
+    generator: "torch.Generator"
+    backend: "Backend | None" = None
+    identity: IdentityData | None = None
+    prompts: Prompts = field(default_factory=Prompts)
+    shared: SharedStages | None = None
+    threat: Threat | None = None
+    workdir: Path | None = None
+    progress: Callable[..., Iterable] = _no_progress
+    info: dict = field(default_factory=dict)  # JSON-able facts a stage records (shown in reports)
+
+    def models(self) -> "SDModels":
+        """A fresh copy of the backend's models (each call loads new module instances)."""
+        if self.backend is None:
+            raise ConfigError("this stage needs a backend, but the suite defines none")
+        return self.backend.load(self.device, self.dtype)
+
+    def with_(self, **changes: Any) -> "Context":
+        return replace(self, **changes)
+
+
+# ---------------------------------------------------------------------------------------
+# Families
+# ---------------------------------------------------------------------------------------
+
+
+class Attack(Component):
+    """A protective perturbation. ``protect`` maps clean set_B images to protected ones.
+
+    The returned images may be float; the core quantises them to 8 bits (round half up,
+    then clips the integer difference to ±floor(eps) against the clean PNG, or truncates
+    when ``quantization = "truncate"``), so the saved PNG always satisfies the budget.
+    Subclass ``Attack.Params`` keeping ``eps`` (levels) with the method's native default.
+    """
+
+    class Params(Params):
+        eps: float = 8.0
+        quantization: Literal["round", "truncate"] = "round"
+
+    #: set True by attacks that use ``ctx.threat`` when the suite marks them adaptive
+    supports_adaptive: ClassVar[bool] = False
+
+    @property
+    def eps(self) -> float:
+        return float(self.params.eps)
+
+    def protect(self, images: "torch.Tensor", ctx: Context) -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class Purifier(Component):
+    """Maps (possibly protected) images to the images the victim fine-tunes on.
+
+    It sees only the images and ``ctx`` (prompts, backend), never the clean originals
+    (``oracle`` is the documented exception and reads ``ctx.identity``).
+    """
+
+    #: True when ``purify`` itself is differentiable w.r.t. its input
+    differentiable: ClassVar[bool] = False
+
+    def purify(self, images: "torch.Tensor", ctx: Context) -> "torch.Tensor":
+        raise NotImplementedError
+
+    def differentiable_view(self, images: "torch.Tensor", ctx: Context) -> "torch.Tensor":
+        """Output with a gradient for adaptive attacks: the real one, else straight-through (BPDA)."""
+        if self.differentiable:
+            return self.purify(images, ctx)
+        purified = self.purify(images.detach(), ctx)
+        return images + (purified - images).detach()
+
+
+class Defense(Component):
+    """A training-time counter-measure applied by the personalizer.
+
+    It may change the training prompts, the generation prompts and negative prompt,
+    transform each training batch, and add a loss term. The defaults change nothing.
+    """
+
+    def training_prompts(self, prompts: Prompts) -> Prompts:
+        return prompts
+
+    def generation_prompt(self, prompt: str) -> str:
+        return prompt
+
+    def negative_prompt(self, negative: str) -> str:
+        return negative
+
+    def transform_batch(self, batch: dict, ctx: Context) -> dict:
+        return batch
+
+    def extra_loss(self, batch: dict, outputs: dict, ctx: Context) -> "torch.Tensor | None":
+        return None
+
+
+class Personalizer(Component):
+    """The fine-tuning method under attack (DreamBooth, LoRA...).
+
+    ``train`` writes whatever it needs into ``out_dir``; ``generate`` reads it back and
+    returns ``{eval prompt: (N, 3, H, W) images}`` keyed by the *undefended* prompt so
+    that results are comparable across defenses. Parameters named in
+    ``generation_fields`` only affect generation, so changing them does not retrain.
+    """
+
+    generation_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def train(self, images: "torch.Tensor", ctx: Context, defense: Defense, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def generate(self, model_dir: Path, ctx: Context, defense: Defense) -> dict[str, "torch.Tensor"]:
+        raise NotImplementedError
+
+    def train_config(self) -> dict:
+        return {k: v for k, v in self.config().items() if k not in self.generation_fields}
+
+
+@dataclass
+class MetricInputs:
+    """The images a metric may read; which ones are filled follows ``Metric.reads``."""
+
+    clean: "torch.Tensor | None" = None  # set_B before protection
+    protected: "torch.Tensor | None" = None
+    purified: "torch.Tensor | None" = None
+    generated: dict[str, "torch.Tensor"] | None = None
+    references: "torch.Tensor | None" = None  # set_C
+    set_A: "torch.Tensor | None" = None
+
+
+@dataclass
+class MetricValue:
+    """A score for one identity and cell. ``value`` is what leaderboards average."""
+
+    value: float
+    per_prompt: dict[str, float] = field(default_factory=dict)
+    count: int | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Metric(Component):
+    """A score. ``direction`` says which way favours the *protector*.
+
+    ``reads`` names the inputs it needs (clean, protected, purified, generated,
+    references, set_A); the core fills only those. When weights are missing, raise
+    ``WeightsUnavailableError("<model> — how to provide it")``: the run records the metric
+    as unavailable instead of failing, and leaderboards show it as such.
+    """
+
+    direction: ClassVar[Literal["higher", "lower"]] = "higher"
+    reads: ClassVar[tuple[str, ...]] = ("generated",)
+
+    def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
+        raise NotImplementedError
+
+
+class Backend(Component):
+    """Loads the diffusion model every stage uses (surrogate and victim)."""
+
+    def fingerprint(self) -> str:
+        """A stable id of the weights (part of every cache key)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line naming the model, for leaderboards and provenance."""
+        return self.fingerprint()
+
+    @property
+    def resolution(self) -> int:
+        """Image side every stage works at (the model's training resolution)."""
+        return int(getattr(self.params, "resolution", 512))
+
+    def load(self, device: "torch.device", dtype: "torch.dtype") -> "SDModels":
+        raise NotImplementedError
+
+
+class Dataset(Component):
+    """Identities with set_A / set_B / set_C images and their prompts."""
+
+    def identities(self) -> list[str]:
+        raise NotImplementedError
+
+    def load(self, identity: str, resolution: int) -> IdentityData:
+        raise NotImplementedError
+
+    def fingerprint(self, identity: str) -> str:
+        """A hash of the identity's image bytes (part of cache keys)."""
+        raise NotImplementedError
+
+    def prompts(self) -> Prompts:
+        return Prompts()
+
+
+FAMILY_BASES = {
+    "attacks": Attack,
+    "purifiers": Purifier,
+    "defenses": Defense,
+    "personalizers": Personalizer,
+    "metrics": Metric,
+    "backends": Backend,
+    "datasets": Dataset,
+}

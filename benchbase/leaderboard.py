@@ -1,0 +1,201 @@
+"""Results -> leaderboard tables (pandas + tabulate), markdown and CSV.
+
+Views:
+- ``cells``: one row per (attack, purifier, defense, personalizer), metric means over
+  identities (and seeds) with a 95% interval and the number of identities;
+- ``attacks``: each attack's score without counter-measure and its worst case over the
+  suite's purifiers/defenses/personalizers (direction-aware), naming the arg-worst;
+- ``purifiers``: each (purifier, defense) by its worst case over the suite's attacks.
+
+Arrows give the direction that favours the *protection*: ↑ higher is better for the
+protector (e.g. FDFR), ↓ lower is better for the protector (e.g. ISM). A row with a
+failed or missing identity is shown as incomplete, never as a partial mean; a metric
+without weights is shown as unavailable, never as zero.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from benchbase.errors import DataError
+from benchbase.store import RESULTS, RUN_JSON, atomic_write_text
+
+ROW = ["attack", "purifier", "defense", "personalizer"]
+ARROW = {"higher": "↑", "lower": "↓"}
+
+
+def load_results(run_dir: Path) -> tuple[pd.DataFrame, dict]:
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS
+    if not path.is_file():
+        raise DataError(f"{run_dir} has no {RESULTS}: is it a benchbase run folder? (run `benchbase run` first)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise DataError(f"{path} is empty: the run has not finished any cell yet")
+    info = json.loads((run_dir / RUN_JSON).read_text()) if (run_dir / RUN_JSON).is_file() else {}
+    return pd.DataFrame(records), info
+
+
+def _summary(values: pd.Series) -> dict:
+    n = len(values)
+    mean = float(values.mean())
+    ci = 1.96 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": mean, "ci95": ci}
+
+
+def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Numeric table: per row and metric, mean/ci95 over identities, status, n identities."""
+    directions = df.groupby("metric")["direction"].first().to_dict()
+    metrics = list(dict.fromkeys(df["metric"]))
+    n_ids = df["identity"].nunique()
+    rows = []
+    for key, group in df.groupby(ROW, sort=False):
+        row = dict(zip(ROW, key))
+        # an identity counts when every seed of it scored; a seed/identity pair missing is incomplete
+        expected = df[["identity", "seed"]].drop_duplicates().shape[0]
+        complete = True
+        for metric in metrics:
+            g = group[group["metric"] == metric]
+            ok = g[g["status"] == "ok"]
+            scored = g[g["status"].isin(["ok", "empty"])]  # "empty": ran, but nothing to score
+            if len(g) and (g["status"] == "unavailable").all():
+                row[f"{metric}|status"] = "unavailable"
+                row[f"{metric}|note"] = str(g["error"].iloc[0])
+                continue
+            if len(scored) < expected:
+                complete = False
+                row[f"{metric}|status"] = f"incomplete ({len(scored)}/{expected})"
+                errors = g[g["status"] == "failed"]["error"]
+                row[f"{metric}|note"] = str(errors.iloc[0]) if len(errors) else "missing"
+                continue
+            if not len(ok):
+                row[f"{metric}|status"] = "n/a"
+                row[f"{metric}|note"] = str(g["error"].iloc[0])
+                continue
+            per_identity = ok.groupby("identity")["value"].mean()
+            s = _summary(per_identity)
+            row[f"{metric}|mean"], row[f"{metric}|ci95"] = s["mean"], s["ci95"]
+            row[f"{metric}|status"] = "ok"
+        row["identities"] = group[group["status"] == "ok"]["identity"].nunique()
+        row["complete"] = complete and row["identities"] == n_ids
+        rows.append(row)
+    return pd.DataFrame(rows), directions
+
+
+def _fmt(row: pd.Series, metric: str) -> str:
+    status = row.get(f"{metric}|status")
+    if status != "ok":
+        return str(status)
+    mean, ci = row[f"{metric}|mean"], row[f"{metric}|ci95"]
+    return f"{mean:.3f}" if (ci is None or math.isnan(ci)) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def _metric_names(table: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(c.split("|")[0] for c in table.columns if "|" in c))
+
+
+def cells_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    out = table[ROW].copy()
+    for metric in _metric_names(table):
+        out[f"{metric} {ARROW.get(directions.get(metric), '')}".strip()] = table.apply(_fmt, axis=1, metric=metric)
+    out["n identities"] = table["identities"]
+    out["row"] = table["complete"].map({True: "complete", False: "INCOMPLETE"})
+    return out
+
+
+def _worst(candidates: pd.DataFrame, metric: str, direction: str, against: str) -> tuple[str, str]:
+    ok = candidates[candidates.get(f"{metric}|status") == "ok"] if f"{metric}|status" in candidates else candidates[:0]
+    if len(ok) < len(candidates) or not len(ok):
+        return "incomplete", ""
+    # worst for the protector: the lowest value of a higher-is-better metric, and vice versa
+    idx = ok[f"{metric}|mean"].idxmin() if direction == "higher" else ok[f"{metric}|mean"].idxmax()
+    row = ok.loc[idx]
+    return f"{row[f'{metric}|mean']:.3f}", " / ".join(str(row[c]) for c in against.split(","))
+
+
+def attacks_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    rows = []
+    for attack, group in table.groupby("attack", sort=False):
+        row = {"attack": attack}
+        base = group[(group["purifier"] == "none") & (group["defense"] == "none")]
+        for metric in _metric_names(table):
+            arrow = ARROW.get(directions.get(metric), "")
+            row[f"{metric} {arrow} (no counter-measure)"] = _fmt(base.iloc[0], metric) if len(base) else "—"
+            value, arg = _worst(group, metric, directions.get(metric, "higher"), "purifier,defense,personalizer")
+            row[f"{metric} {arrow} worst"] = value
+            row[f"{metric} worst under"] = arg
+        row["n identities"] = int(group["identities"].min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def purifiers_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    rows = []
+    for (purifier, defense), group in table.groupby(["purifier", "defense"], sort=False):
+        row = {"purifier": purifier, "defense": defense}
+        attacked = group[group["attack"] != "none"]
+        for metric in _metric_names(table):
+            direction = directions.get(metric, "higher")
+            # the restorer's worst case is the protector's best: flip the direction
+            flipped = "lower" if direction == "higher" else "higher"
+            value, arg = _worst(attacked, metric, flipped, "attack,personalizer") if len(attacked) else ("—", "")
+            row[f"{metric} {ARROW.get(direction, '')} worst"] = value
+            row[f"{metric} worst under"] = arg
+        row["n identities"] = int(group["identities"].min())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def header(info: dict, df: pd.DataFrame) -> str:
+    backend = info.get("backend", {}).get("description", "unknown backend")
+    lines = [
+        f"# benchbase leaderboard: suite `{info.get('suite', '?')}` (hash {info.get('suite_hash', '?')})",
+        "",
+        f"- Model: {backend}.",
+        f"- Device {info.get('device', '?')}, dtype {info.get('dtype', '?')}, seeds {info.get('seeds', '?')}, "
+        f"{df['identity'].nunique()} identities, benchbase {info.get('packages', {}).get('benchbase', '?')}.",
+        "- Values: mean over identities ± 95% interval (1.96·sd/√n). ↑ = higher favours the protection, "
+        "↓ = lower favours the protection. INCOMPLETE rows are not averaged.",
+    ]
+    if "RANDOM" in backend or "tiny" in backend:
+        lines.append("- **Random-weight model: these numbers test the machinery, not the science.**")
+    return "\n".join(lines) + "\n"
+
+
+def build(run_dir: Path) -> dict[str, pd.DataFrame]:
+    df, _ = load_results(run_dir)
+    table, directions = cell_table(df)
+    return {"cells": cells_view(table, directions), "attacks": attacks_view(table, directions),
+            "purifiers": purifiers_view(table, directions), "_numeric": table}
+
+
+def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
+    """Write leaderboard.md and one CSV per view; return the markdown path and text."""
+    run_dir = Path(run_dir)
+    df, info = load_results(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "leaderboard"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    views = build(run_dir)
+    parts = [header(info, df)]
+    titles = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
+              "purifiers": "Purifiers and defenses: worst case over attacks"}
+    for name, title in titles.items():
+        view = views[name]
+        parts.append(f"\n## {title}\n\n" + view.to_markdown(index=False) + "\n")
+        view.to_csv(out_dir / f"{name}.csv", index=False)
+    views["_numeric"].to_csv(out_dir / "cells_numeric.csv", index=False)
+    unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
+    if len(unavailable):
+        parts.append("\n## Unavailable metrics\n\n" + "\n".join(
+            f"- `{r.metric}`: {r.error}" for r in unavailable.itertuples()) + "\n")
+    failed = df[df["status"] == "failed"]
+    if len(failed):
+        parts.append(f"\n## Failures\n\n{len(failed)} records failed; first: {failed['error'].iloc[0]}\n")
+    text = "".join(parts)
+    md = out_dir / "leaderboard.md"
+    atomic_write_text(md, text)
+    return md, text

@@ -1,0 +1,1 @@
+"""Model loading: the diffusers Stable Diffusion loader and the offline tiny builder."""

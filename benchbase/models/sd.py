@@ -1,0 +1,221 @@
+"""Stable Diffusion models as every stage uses them: one loader, one bundle of modules.
+
+Both the real ``sd`` backend and the offline ``tiny`` backend end here: tiny saves a
+diffusers folder and loads it back through ``load_sd``, so tests exercise the code path
+real weights take.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchbase.errors import WeightsUnavailableError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def quiet_libraries() -> None:
+    """Silence per-file loading/saving bars and banners of diffusers, transformers and the hub:
+    benchbase shows one progress bar per stage instead."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
+
+    for lib in (dlogging, tlogging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class SDModels:
+    """The modules of a Stable Diffusion pipeline plus the few operations all stages share."""
+
+    path: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # the model's sampling scheduler (PNDM for SD-2.1-base, DDIM for tiny)
+    noise_scheduler: object  # DDPM with the same betas, for training losses
+    device: torch.device
+    dtype: torch.dtype
+    resolution: int
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", 0.18215))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.noise_scheduler.config.num_train_timesteps)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(
+            prompts, padding="max_length", truncation=True,
+            max_length=self.tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def encode_prompt(self, prompts: list[str], text_encoder: torch.nn.Module | None = None) -> torch.Tensor:
+        """Text embeddings (last hidden state), as DreamBooth conditions the UNet."""
+        encoder = text_encoder or self.text_encoder
+        return encoder(self.tokenize(prompts))[0]
+
+    def encode_images(
+        self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[0,1] images -> scaled latents; a posterior sample (DreamBooth, ASPL) or the mean."""
+        x = (images.to(self.device, self.vae.dtype) * 2 - 1)
+        dist = self.vae.encode(x).latent_dist
+        if sample:
+            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(
+                self.device, dist.mean.dtype)
+            z = dist.mean + dist.std * noise
+        else:
+            z = dist.mean
+        return z * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def diffusion_loss(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        generator: torch.Generator | None = None,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        unet: torch.nn.Module | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """L_DM: MSE between the UNet prediction and its target (ε or v, by prediction_type),
+        t ~ U{0..T-1} per image and fresh noise unless given."""
+        unet = unet or self.unet
+        n = latents.shape[0]
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(
+                latents.device, latents.dtype)
+        if timesteps is None:
+            timesteps = self.sample_timesteps(n, generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample.float()
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        err = (pred - target.float()).pow(2)
+        if reduction == "none":
+            return err.flatten(1).mean(dim=1)
+        return err.mean()
+
+    def pipeline(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None):
+        """A StableDiffusionPipeline over these modules (optionally a fine-tuned UNet / text encoder)."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=text_encoder or self.text_encoder, tokenizer=self.tokenizer,
+            unet=unet or self.unet, scheduler=self.scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def freeze(self) -> "SDModels":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        return self
+
+
+def weights_message(model: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    how = (
+        f"download it on a machine with internet access (`huggingface-cli download {model} "
+        f"--local-dir <folder>`) and set the backend's `path = \"<folder>\"` in the suite"
+    )
+    state = "the hub is offline (HF_HUB_OFFLINE=1) and " if offline else ""
+    return f"Stable Diffusion weights {model!r} are not available: {state}they are not in the local cache; {how}."
+
+
+def load_sd(
+    model: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolution: int,
+    revision: str | None = None,
+    variant: str | None = None,
+    scheduler: str | None = None,
+) -> SDModels:
+    """Load a diffusers Stable Diffusion folder or hub id (SD 1.x / 2.x, ε or v prediction).
+
+    Raises WeightsUnavailableError with one sentence naming the model and how to get it.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    quiet_libraries()
+
+    local = Path(model).expanduser()
+    is_local = local.is_dir()
+    if not is_local and model.startswith((".", "/", "~")):
+        raise WeightsUnavailableError(f"Stable Diffusion folder {model!r} does not exist.")
+    if is_local and not (local / "model_index.json").is_file():
+        raise WeightsUnavailableError(
+            f"{local} is not a diffusers Stable Diffusion folder (no model_index.json); save one with "
+            "`StableDiffusionPipeline.save_pretrained` or download a model with `huggingface-cli download`."
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if is_local else model,
+            revision=revision, variant=variant, dtype=dtype,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise WeightsUnavailableError(weights_message(model) + f" ({type(exc).__name__})") from None
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "ddpm":
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    return SDModels(
+        path=str(local) if is_local else model, unet=pipe.unet, vae=pipe.vae,
+        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+        noise_scheduler=noise_scheduler, device=device, dtype=dtype, resolution=resolution,
+    ).freeze()

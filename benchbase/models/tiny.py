@@ -1,0 +1,147 @@
+"""Offline tiny Stable Diffusion: random weights built from configs, deterministically.
+
+No download: UNet, VAE (x8 downsampling like SD), CLIP text encoder and schedulers are
+built from configs with a seeded generator; the tokenizer is the real 49,408-token CLIP
+BPE, converted from the vocabulary open_clip ships, so token ids match real CLIP. The
+pipeline is saved as a diffusers folder (once per configuration, in the benchbase cache)
+and loaded back through ``load_sd``, the code path real weights take.
+
+Random weights: numbers produced with it test the machinery, not the science.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # ~1 M UNet parameters: unit tests (offline-stack.md §3)
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), text_hidden=32),
+    # ~24 M UNet parameters: closer to SD's depth, still CPU-friendly
+    "small": dict(block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=64,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), text_hidden=64),
+}
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+VOCAB_SIZE = 49408
+TINY_FORMAT = 1  # bump when the construction below changes (invalidates cached folders)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BENCHBASE_CACHE", Path.home() / ".cache" / "benchbase"))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2/CLIP byte -> printable character table, in its insertion order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_clip_tokenizer_files(folder: Path) -> None:
+    """Write vocab.json + merges.txt of the real CLIP BPE from open_clip's bundled vocabulary."""
+    from open_clip.tokenizer import default_bpe
+
+    with gzip.open(default_bpe()) as fh:
+        lines = fh.read().decode("utf-8").split("\n")
+    n_merges = VOCAB_SIZE - 256 * 2 - 2  # 48,894 merges after the header line
+    merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
+    assert len(vocab) == VOCAB_SIZE
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                       encoding="utf-8")
+
+
+def build_clip_tokenizer(folder: Path, pad_token: str = "!"):
+    """CLIPTokenizer with real CLIP ids. ``pad_token``: "!" as SD-2.x configs, EOS as SD-1.x."""
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, bos_token=BOS, eos_token=EOS,
+                                         unk_token=EOS, model_max_length=77)
+
+
+def tiny_config(preset: str, seed: int, resolution: int, prediction_type: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; presets: {', '.join(PRESETS)}")
+    return {"format": TINY_FORMAT, "preset": preset, "seed": seed, "resolution": resolution,
+            "prediction_type": prediction_type}
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tiny_pipeline(preset: str = "tiny", seed: int = 0, resolution: int = 64,
+                        prediction_type: str = "epsilon"):
+    """Build the random-weight pipeline in memory (deterministic for the seed)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    p = PRESETS[preset]
+    torch.manual_seed(seed)  # module constructors draw from the global generator
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8, in_channels=4, out_channels=4,
+        block_out_channels=p["block_out_channels"], layers_per_block=p["layers_per_block"],
+        down_block_types=p["down_block_types"], up_block_types=p["up_block_types"],
+        cross_attention_dim=p["cross_attention_dim"], attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=resolution,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_clip_tokenizer(Path(tmp))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=p["text_hidden"], intermediate_size=2 * p["text_hidden"],
+        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=p["text_hidden"],
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=prediction_type)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def ensure_tiny_folder(preset: str = "tiny", seed: int = 0, resolution: int = 64,
+                       prediction_type: str = "epsilon", root: Path | None = None) -> Path:
+    """The diffusers folder of this tiny configuration, built and saved once (atomically)."""
+    config = tiny_config(preset, seed, resolution, prediction_type)
+    folder = (root or cache_root()) / "tiny" / f"{preset}-{fingerprint(config)}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
+    try:
+        pipe = build_tiny_pipeline(preset, seed, resolution, prediction_type)
+        pipe.save_pretrained(tmp)
+        (tmp / "benchbase_tiny.json").write_text(json.dumps(config, indent=1))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race: its folder is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,453 @@
+"""Stages, their cache keys, and the grid runner.
+
+One cell of the grid is (identity, attack, purifier chain, defense, personalizer, seed):
+
+    dataset -> protect(attack) -> purify(chain) -> personalize(personalizer ∘ defense)
+            -> generate(eval prompts) -> score(metric)
+
+Each stage is a ``Node`` whose key hashes the stage name, the component name + version,
+its parameters, the upstream keys and the seed. Nodes are evaluated on demand from the
+scores backwards, so a score already in the store loads nothing upstream, shared work
+(one protection per identity x attack for every purifier; class images per base model) is
+computed once, and a killed run resumes with whatever finished. A cell whose stage raises
+is recorded as failed with its error and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import cached_property, partial
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from benchbase.components import (
+    FAMILY_BASES, Context, IdentityData, MetricInputs, MetricValue, Prompts, SharedStages, Threat,
+)
+from benchbase.errors import BenchbaseError, ConfigError, WeightsUnavailableError
+from benchbase.images import l2_levels, linf_levels, load_pngs, quantize, quantize_to_budget, save_pngs
+from benchbase.models.sd import resolve_device, resolve_dtype
+from benchbase.plugins import PluginManager, get_plugin_manager
+from benchbase.store import RESULTS, RUN_JSON, Store, atomic_write_text, hash_key
+from benchbase.suite import Spec, Suite
+
+PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
+            "facenet-pytorch", "dlib-bin", "numpy", "pillow")
+
+
+class StageFailed(Exception):
+    """An upstream stage of this cell failed (the message names the stage and the error)."""
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A per-stage seed from the cell seed, so stages draw independent, reproducible streams."""
+    return int(hash_key("seed", {"seed": seed, "parts": [str(p) for p in parts]})[:12], 16) % (2**63)
+
+
+def component_id(component) -> dict:
+    return {"name": component.name, "version": component.version, "params": component.config()}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:60] or "prompt"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _strict(obj: Any) -> Any:
+    """NaN/inf -> None, so results.jsonl is strict JSON that any tool can read."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+@dataclass
+class Node:
+    """A stage output: computed once, then read from the store."""
+
+    stage: str
+    parts: dict
+    compute: Callable[[Path], dict | None]
+    key: str = ""
+
+    def __post_init__(self):
+        self.key = hash_key(self.stage, self.parts)
+
+
+@dataclass
+class Identity:
+    name: str
+    fingerprint: str
+    loader: Callable[[], IdentityData]
+
+    @cached_property
+    def data(self) -> IdentityData:
+        return self.loader()
+
+
+@dataclass
+class Cell:
+    identity: str
+    seed: int
+    attack: Spec
+    purifiers: list[Spec]
+    defense: Spec
+    personalizer: Spec
+
+    def labels(self) -> dict:
+        return {"identity": self.identity, "seed": self.seed, "attack": self.attack.label,
+                "purifier": "+".join(s.label for s in self.purifiers), "defense": self.defense.label,
+                "personalizer": self.personalizer.label}
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    records: list[dict] = field(default_factory=list)
+    executed: dict = field(default_factory=dict)
+    cached: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] == "failed"]
+
+
+class Runner:
+    """Executes a suite's grid in-process, caching every stage in a Store."""
+
+    def __init__(self, suite: Suite, run_dir: Path, manager: PluginManager | None = None,
+                 store_dir: Path | None = None, progress: bool | None = None, device: str | None = None):
+        self.suite = suite
+        self.run_dir = Path(run_dir)
+        self.pm = manager or get_plugin_manager()
+        self.store = Store(Path(store_dir) if store_dir else self.run_dir / "store")
+        self.progress_enabled = progress
+        self.device = resolve_device(device or suite.device)
+        self.dtype = resolve_dtype(suite.dtype)
+        self.components: dict[int, Any] = {}
+        self.backend = self._create(suite.backend)
+        self.dataset = self._create(suite.dataset)
+        for spec in [*suite.attacks, *(s for c in suite.purifiers for s in c), *suite.defenses,
+                     *suite.personalizers, *suite.metrics]:
+            self._create(spec)
+        for spec in suite.attacks:
+            if spec.adaptive and not getattr(self.component(spec), "supports_adaptive", False):
+                raise ConfigError(f"attack {spec.label!r} is marked adaptive but does not support it")
+        self._failed: dict[str, str] = {}
+        self.records: list[dict] = []
+
+    # -- components ------------------------------------------------------------------------
+    def _create(self, spec: Spec):
+        component = self.pm.create(spec.family, spec.name, spec.params)
+        base = FAMILY_BASES[spec.family]
+        if not isinstance(component, base):
+            raise ConfigError(f"{spec.family[:-1]} {spec.name!r} is a {type(component).__name__}, "
+                              f"not a benchbase {base.__name__}")
+        self.components[id(spec)] = component
+        return component
+
+    def component(self, spec: Spec):
+        return self.components[id(spec)]
+
+    def prompts(self) -> Prompts:
+        base = self.dataset.prompts()
+        over = self.suite.prompts
+        return Prompts(instance=over.get("instance", base.instance), class_=over.get("class", base.class_),
+                       eval=list(over.get("eval", base.eval)), negative=over.get("negative", base.negative),
+                       identifier=base.identifier, class_noun=base.class_noun)
+
+    def progress(self, iterable=None, **kwargs):
+        # None: tqdm decides (bars on a terminal, none in CI logs)
+        disable = None if self.progress_enabled is None else not self.progress_enabled
+        return tqdm(iterable, disable=disable, dynamic_ncols=True, **kwargs)
+
+    def context(self, seed: int, identity: Identity | None, *stage: Any, threat: Threat | None = None) -> Context:
+        return Context(
+            device=self.device, dtype=self.dtype, seed=seed,
+            generator=torch.Generator().manual_seed(derive_seed(seed, *stage)),
+            backend=self.backend, identity=identity.data if identity else None, prompts=self.prompts(),
+            shared=SharedStages(self.store.shared_stage), threat=threat, workdir=self.store.root / "work",
+            progress=partial(self.progress),
+        )
+
+    # -- evaluation ------------------------------------------------------------------------
+    def ensure(self, node: Node) -> Path:
+        if node.key in self._failed:
+            raise StageFailed(self._failed[node.key])
+        try:
+            return self.store.compute(node.stage, node.key, node.parts, node.compute)
+        except StageFailed as exc:
+            self._failed[node.key] = str(exc)
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            msg = f"{node.stage} failed: {type(exc).__name__}: {exc}"
+            if not isinstance(exc, BenchbaseError):
+                tb = traceback.format_exc(limit=-3)
+                (self.run_dir / "errors").mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "errors" / f"{node.stage}-{node.key}.txt").write_text(tb)
+                msg += f" (traceback in errors/{node.stage}-{node.key}.txt)"
+            self._failed[node.key] = msg
+            raise StageFailed(msg) from exc
+
+    def _threat(self, cell: Cell) -> Threat | None:
+        if not cell.attack.adaptive:
+            return None
+        defense = self.component(cell.defense)
+        return Threat(purifiers=[self.component(s) for s in cell.purifiers], defense=defense,
+                      training_prompts=defense.training_prompts(self.prompts()))
+
+    def protect_node(self, ident: Identity, cell: Cell) -> Node:
+        attack = self.component(cell.attack)
+        parts = {"attack": component_id(attack), "identity": ident.fingerprint,
+                 "backend": self.backend.fingerprint(), "resolution": self.backend.resolution,
+                 "seed": cell.seed, "prompts": vars(self.prompts())}
+        threat = self._threat(cell)
+        if threat is not None:  # an adaptive protection depends on the threat it optimises against
+            parts["threat"] = {"purifiers": [component_id(p) for p in threat.purifiers],
+                               "defense": component_id(threat.defense)}
+
+        def compute(folder: Path) -> dict:
+            ctx = self.context(cell.seed, ident, "protect", cell.attack.label, threat=threat)
+            clean = ident.data.set_B
+            adv = attack.protect(clean.to(self.device), ctx)
+            eps = attack.eps if attack.eps > 0 else 0.0
+            protected = quantize_to_budget(adv, clean, eps, mode=getattr(attack.params, "quantization", "round"))
+            linf = linf_levels(protected, clean)
+            if linf > eps + 1e-6:  # cannot happen after the clip; a guard against a quantiser bug
+                raise RuntimeError(f"budget violated after quantisation: {linf} > {eps} levels")
+            save_pngs(protected, folder / "images", ident.data.files.get("set_B"))
+            return {"eps_levels": eps, "linf_levels": linf, "l2_levels": l2_levels(protected, clean), **ctx.info}
+
+        return Node("protect", parts, compute)
+
+    def purify_node(self, ident: Identity, cell: Cell) -> Node:
+        up = self.protect_node(ident, cell)
+        chain = [self.component(s) for s in cell.purifiers]
+        parts = {"purifiers": [component_id(p) for p in chain], "protect": up.key, "seed": cell.seed,
+                 "backend": self.backend.fingerprint()}
+
+        def compute(folder: Path) -> dict:
+            images = load_pngs(self.ensure(up) / "images").to(self.device)
+            info = {}
+            for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
+                ctx = self.context(cell.seed, ident, "purify", i, spec.label)
+                images = purifier.purify(images, ctx)
+                if images.dim() != 4 or images.shape[1] != 3:
+                    raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
+                images = quantize(images)  # each stage's output is what a file would hold
+                info[spec.label] = ctx.info
+            save_pngs(images, folder / "images", ident.data.files.get("set_B"))
+            return {"purifiers": info}
+
+        return Node("purify", parts, compute)
+
+    def personalize_node(self, ident: Identity, cell: Cell) -> Node:
+        up = self.purify_node(ident, cell)
+        personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
+        parts = {"personalizer": {**component_id(personalizer), "params": personalizer.train_config()},
+                 "defense": component_id(defense), "purify": up.key, "seed": cell.seed,
+                 "backend": self.backend.fingerprint(), "prompts": vars(self.prompts())}
+
+        def compute(folder: Path) -> dict:
+            images = load_pngs(self.ensure(up) / "images").to(self.device)
+            ctx = self.context(cell.seed, ident, "personalize", cell.personalizer.label, cell.defense.label)
+            personalizer.train(images, ctx, defense, folder)
+            return ctx.info
+
+        return Node("personalize", parts, compute)
+
+    def generate_node(self, ident: Identity, cell: Cell) -> Node:
+        up = self.personalize_node(ident, cell)
+        personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
+        parts = {"personalizer": component_id(personalizer), "personalize": up.key, "seed": cell.seed,
+                 "eval": self.prompts().eval, "negative": self.prompts().negative}
+
+        def compute(folder: Path) -> dict:
+            model_dir = self.ensure(up)
+            ctx = self.context(cell.seed, ident, "generate", cell.personalizer.label, cell.defense.label)
+            outputs = personalizer.generate(model_dir, ctx, defense)
+            index = {}
+            for i, (prompt, images) in enumerate(outputs.items()):
+                sub = f"{i:02d}_{slug(prompt)}"
+                save_pngs(images, folder / sub)
+                index[prompt] = sub
+            (folder / "prompts.json").write_text(json.dumps(index, indent=1))
+            return ctx.info
+
+        return Node("generate", parts, compute)
+
+    @staticmethod
+    def load_generated(folder: Path) -> dict[str, torch.Tensor]:
+        index = json.loads((folder / "prompts.json").read_text())
+        return {prompt: load_pngs(folder / sub) for prompt, sub in index.items()}
+
+    def score_node(self, ident: Identity, cell: Cell, spec: Spec) -> Node:
+        metric = self.component(spec)
+        reads = set(metric.reads)
+        ups: dict[str, Node] = {}
+        if "protected" in reads:
+            ups["protected"] = self.protect_node(ident, cell)
+        if "purified" in reads:
+            ups["purified"] = self.purify_node(ident, cell)
+        if "generated" in reads:
+            ups["generated"] = self.generate_node(ident, cell)
+        parts = {"metric": component_id(metric), "identity": ident.fingerprint, "seed": cell.seed,
+                 "inputs": {k: n.key for k, n in sorted(ups.items())}, "reads": sorted(reads),
+                 "resolution": self.backend.resolution, "prompts": vars(self.prompts())}
+
+        def compute(folder: Path) -> dict:
+            inputs = MetricInputs()
+            for name, node in ups.items():
+                path = self.ensure(node)
+                setattr(inputs, name, self.load_generated(path) if name == "generated"
+                        else load_pngs(path / "images"))
+            data = ident.data
+            if "clean" in reads:
+                inputs.clean = data.set_B
+            if "references" in reads:
+                inputs.references = data.set_C
+            if "set_A" in reads:
+                inputs.set_A = data.set_A
+            ctx = self.context(cell.seed, ident, "score", spec.label)
+            value = metric.score(inputs, ctx)
+            if not isinstance(value, MetricValue):
+                raise TypeError(f"metric {spec.label!r} returned {type(value).__name__}, not MetricValue")
+            (folder / "score.json").write_text(json.dumps(vars(value), default=float))
+            return ctx.info
+
+        return Node("score", parts, compute)
+
+    # -- the grid --------------------------------------------------------------------------
+    def cells(self, identity: str, seed: int) -> list[Cell]:
+        s = self.suite
+        return [Cell(identity, seed, a, chain, d, p)
+                for a in s.attacks for chain in s.purifiers for d in s.defenses for p in s.personalizers]
+
+    def _record(self, cell: Cell, spec: Spec, status: str, **fields) -> dict:
+        metric = self.component(spec)
+        rec = {"suite": self.suite.name, "suite_hash": self.suite.hash, **cell.labels(),
+               "attack_name": cell.attack.name, "adaptive": cell.attack.adaptive,
+               "metric": spec.label, "metric_name": spec.name, "direction": metric.direction,
+               "status": status, "value": None, "per_prompt": {}, "count": None, "error": None,
+               "backend": self.backend.fingerprint(), "device": str(self.device)}
+        rec.update(fields)
+        return rec
+
+    def score_cell(self, ident: Identity, cell: Cell) -> list[dict]:
+        records = []
+        for spec in self.suite.metrics:
+            try:
+                node = self.score_node(ident, cell, spec)
+                path = self.ensure(node)
+                value = json.loads((path / "score.json").read_text())
+                details = value.get("details", {})
+                if value["value"] is None or math.isnan(value["value"]):
+                    # nothing could be scored (e.g. no face found): a documented empty result,
+                    # left out of averages, never a zero
+                    records.append(self._record(cell, spec, "empty", count=value["count"], details=details,
+                                                error=details.get("reason", "no value"), key=node.key))
+                    continue
+                per_prompt = {k: (None if v is None or math.isnan(v) else v) for k, v in value["per_prompt"].items()}
+                records.append(self._record(cell, spec, "ok", value=value["value"], per_prompt=per_prompt,
+                                            count=value["count"], details=details, key=node.key))
+            except StageFailed as exc:
+                cause = exc.__cause__
+                if isinstance(cause, WeightsUnavailableError) and str(exc).startswith("score failed"):
+                    records.append(self._record(cell, spec, "unavailable", error=str(cause)))
+                else:
+                    records.append(self._record(cell, spec, "failed", error=str(exc)))
+        return records
+
+    def write_run_json(self, status: str, started: float, extra: dict | None = None) -> None:
+        info = {
+            "suite": self.suite.name, "suite_hash": self.suite.hash, "suite_source": self.suite.source,
+            "suite_data": self.suite.raw, "status": status, "started": started, "updated": time.time(),
+            "backend": {"fingerprint": self.backend.fingerprint(), "description": self.backend.describe()},
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "seeds": self.suite.seeds, "platform": platform.platform(), "python": platform.python_version(),
+            "packages": package_versions(), "plugins": self.plugin_versions(), "n_cells": self.suite.n_cells,
+        }
+        info.update(extra or {})
+        atomic_write_text(self.run_dir / RUN_JSON, json.dumps(info, indent=1, default=str))
+
+    def plugin_versions(self) -> dict:
+        out: dict[str, dict] = {}
+        specs = [self.suite.backend, self.suite.dataset, *self.suite.attacks,
+                 *(s for c in self.suite.purifiers for s in c), *self.suite.defenses,
+                 *self.suite.personalizers, *self.suite.metrics]
+        for spec in specs:
+            entry = self.pm.get(spec.family, spec.name)
+            plugin = self.pm.plugins.get(entry.plugin)
+            out.setdefault(spec.family, {})[spec.name] = {
+                "version": entry.version, "plugin": entry.plugin,
+                "distribution": plugin.distribution if plugin else None,
+                "distribution_version": plugin.version if plugin else None}
+        return out
+
+    def write_results(self) -> None:
+        text = "".join(json.dumps(_strict(r), default=str) + "\n" for r in self.records)
+        atomic_write_text(self.run_dir / RESULTS, text)
+
+    def run(self) -> RunSummary:
+        start = time.perf_counter()
+        started = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.store.clean_temporaries()
+        self.write_run_json("running", started)
+        self.records = []
+        identities = self.dataset.identities()
+        total = len(identities) * self.suite.n_cells
+        bar = self.progress(total=total, desc=f"{self.suite.name}: cells", unit="cell")
+        status = "interrupted"
+        try:
+            for seed in self.suite.seeds:
+                for name in identities:
+                    try:
+                        ident = Identity(name, self.dataset.fingerprint(name),
+                                         partial(self.dataset.load, name, self.backend.resolution))
+                    except BenchbaseError as exc:  # a broken identity fails its cells, not the grid
+                        for cell in self.cells(name, seed):
+                            self.records += [self._record(cell, m, "failed", error=f"dataset: {exc}")
+                                             for m in self.suite.metrics]
+                            bar.update(1)
+                        continue
+                    for cell in self.cells(name, seed):
+                        bar.set_postfix_str(f"{name} {cell.attack.label}/{cell.labels()['purifier']}", refresh=False)
+                        self.records += self.score_cell(ident, cell)
+                        self.write_results()
+                        bar.update(1)
+            status = "finished"
+        finally:
+            bar.close()
+            self.write_results()
+            summary = RunSummary(self.run_dir, self.records, dict(self.store.executed), dict(self.store.cached),
+                                 time.perf_counter() - start)
+            self.write_run_json(status, started, {"seconds": round(summary.seconds, 2),
+                                                      "executed": summary.executed, "cached": summary.cached,
+                                                      "failed_records": len(summary.failed)})
+        return summary

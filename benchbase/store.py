@@ -1,0 +1,106 @@
+"""Content-addressed artifact store with atomic writes.
+
+Each stage output lives in ``<root>/<stage>/<key[:2]>/<key>/``. A stage is computed into a
+temporary folder, then ``_done.json`` (its key parts, info, timing) is written and the
+folder is renamed into place: a folder that exists is complete, so a killed run never
+leaves a half result, and rerunning resumes with whatever finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+DONE = "_done.json"
+RESULTS = "results.jsonl"  # one record per (cell, metric), in the run folder
+RUN_JSON = "run.json"  # suite, hashes, versions, device, seeds, status
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def hash_key(stage: str, parts: dict) -> str:
+    return hashlib.sha256(canonical({"stage": stage, **parts}).encode()).hexdigest()[:24]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Store:
+    """Stage outputs keyed by a hash of (stage, plugin name + version, parameters, upstream keys, seed)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.executed: Counter = Counter()  # stages computed by this process
+        self.cached: Counter = Counter()  # stages found complete
+
+    def key(self, stage: str, parts: dict) -> str:
+        return hash_key(stage, parts)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key[:2] / key
+
+    def done(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / DONE).is_file()
+
+    def meta(self, stage: str, key: str) -> dict:
+        return json.loads((self.path(stage, key) / DONE).read_text())
+
+    def compute(self, stage: str, key: str, parts: dict, fn: Callable[[Path], dict | None]) -> Path:
+        """Return the stage folder, running ``fn(tmp_folder) -> info`` only if it is not complete."""
+        final = self.path(stage, key)
+        if (final / DONE).is_file():
+            self.cached[stage] += 1
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}-"))
+        try:
+            start = time.perf_counter()
+            info = fn(tmp) or {}
+            meta = {"stage": stage, "key": key, "parts": parts, "info": info,
+                    "seconds": round(time.perf_counter() - start, 3), "finished": time.time()}
+            (tmp / DONE).write_text(json.dumps(meta, indent=1, default=str))
+            if final.exists():  # a leftover without _done.json (cannot happen with rename, but be safe)
+                shutil.rmtree(final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / DONE).is_file():  # lost a race to a finished twin: keep theirs
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.executed[stage] += 1
+        return final
+
+    def shared_stage(self, stage: str, parts: dict, fn: Callable[[Path], None]) -> Path:
+        """A stage shared across cells (class images, surrogates), for ``Context.shared``."""
+        key = self.key(stage, parts)
+        return self.compute(stage, key, parts, lambda folder: fn(folder) or {})
+
+    def clean_temporaries(self) -> int:
+        """Remove temporary folders left by killed processes."""
+        removed = 0
+        for tmp in self.root.glob("*/*/.*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed += 1
+        return removed

@@ -1,0 +1,210 @@
+"""Suite files (TOML) -> a validated grid.
+
+A suite names one backend and one dataset, and lists attacks, purifiers (a purifier may be
+a chain), defenses, personalizers and metrics. Each list entry is a name, or a table with
+``name``, an optional ``label`` (to put the same component twice with other parameters)
+and the component's parameters::
+
+    name = "smoke"
+    seeds = [0]
+    device = "auto"            # auto | cpu | cuda | cuda:1
+    dtype = "float32"          # float32 | bfloat16 | float16
+
+    backend = { name = "tiny", resolution = 64 }
+    dataset = { name = "sample" }
+    attacks = ["none", { name = "noise", eps = 8 }]
+    purifiers = ["none", "jpeg", ["jpeg", { name = "jpeg", quality = 50 }]]
+    defenses = ["none"]
+    personalizers = [{ name = "dreambooth", max_train_steps = 20 }]
+    metrics = ["psnr", "ref-rmse"]
+
+    [prompts]                  # optional; defaults come from the dataset
+    instance = "a photo of sks person"
+    class = "a photo of person"
+    eval = ["a photo of sks person", "a dslr portrait of sks person"]
+    negative = ""
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from benchbase.errors import ConfigError
+
+LIST_FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics")
+TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend", "dataset", "prompts",
+            "run_dir", *LIST_FAMILIES}
+PROMPT_KEYS = {"instance", "class", "eval", "negative"}
+RESERVED = {"name", "label", "adaptive"}
+
+
+@dataclass
+class Spec:
+    """One component as the suite names it."""
+
+    family: str
+    name: str
+    params: dict = field(default_factory=dict)
+    label: str = ""
+    adaptive: bool = False
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "params": self.params, "adaptive": self.adaptive}
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    seeds: list[int]
+    device: str
+    dtype: str
+    backend: Spec
+    dataset: Spec
+    attacks: list[Spec]
+    purifiers: list[list[Spec]]  # each entry is a chain (length 1 for a single purifier)
+    defenses: list[Spec]
+    personalizers: list[Spec]
+    metrics: list[Spec]
+    prompts: dict
+    source: str = "<memory>"
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def purifier_label(self, chain: list[Spec]) -> str:
+        return "+".join(s.label for s in chain)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.seeds) * len(self.attacks) * len(self.purifiers) * len(self.defenses) * len(self.personalizers)
+
+
+def _spec(family: str, entry: Any, where: str) -> Spec:
+    if isinstance(entry, str):
+        return Spec(family, entry, {}, entry)
+    if isinstance(entry, dict):
+        if "name" not in entry or not isinstance(entry["name"], str):
+            raise ConfigError(f"{where}: a table entry needs a string `name` (got {entry!r})")
+        params = {k: v for k, v in entry.items() if k not in RESERVED}
+        if "params" in params and isinstance(params["params"], dict) and len(params) == 1:
+            params = params["params"]  # also accept { name = "x", params = { ... } }
+        adaptive = entry.get("adaptive", False)
+        if not isinstance(adaptive, bool):
+            raise ConfigError(f"{where}: `adaptive` must be true or false")
+        return Spec(family, entry["name"], params, str(entry.get("label") or ""), adaptive)
+    raise ConfigError(f"{where}: expected a name or a table, got {entry!r}")
+
+
+def _auto_labels(specs: list[Spec]) -> None:
+    """Label = name, unless the same name appears with other parameters: then name + a short
+    hash of the parameters (give ``label`` in the suite for a readable one)."""
+    variants: dict[str, set[str]] = {}
+    for s in specs:
+        variants.setdefault(s.name, set()).add(json.dumps(s.params, sort_keys=True))
+    for s in specs:
+        if not s.label:
+            digest = hashlib.sha256(json.dumps(s.params, sort_keys=True).encode()).hexdigest()[:6]
+            s.label = s.name if len(variants[s.name]) == 1 else f"{s.name}-{digest}"
+
+
+def _check_unique(labels: list[str], family: str, source: str) -> None:
+    seen: set[str] = set()
+    for label in labels:
+        if label in seen:
+            raise ConfigError(f"{source}: {family} entry {label!r} appears twice; give one a distinct `label`")
+        seen.add(label)
+
+
+def parse_suite(data: dict, source: str = "<memory>") -> Suite:
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown suite keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
+    name = data.get("name") or Path(source).stem
+    if "seeds" in data and "seed" in data:
+        raise ConfigError(f"{source}: give `seeds` or `seed`, not both")
+    seeds = data.get("seeds", [data.get("seed", 0)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{source}: `seeds` must be a non-empty list of integers")
+    for key in ("backend", "dataset"):
+        if key not in data:
+            raise ConfigError(f"{source}: missing `{key}` (e.g. {key} = {{ name = \"...\" }})")
+    lists: dict[str, Any] = {}
+    for family in LIST_FAMILIES:
+        entries = data.get(family)
+        if family in ("defenses",) and entries is None:
+            entries = ["none"]
+        if family == "purifiers" and entries is None:
+            entries = ["none"]
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{source}: `{family}` must be a non-empty list")
+        if family == "purifiers":
+            chains = []
+            for i, e in enumerate(entries):
+                items = e if isinstance(e, list) else [e]
+                if not items:
+                    raise ConfigError(f"{source}: purifiers[{i}] is an empty chain")
+                chains.append([_spec("purifiers", x, f"{source}: purifiers[{i}]") for x in items])
+            _auto_labels([s for chain in chains for s in chain])
+            _check_unique(["+".join(s.label for s in c) for c in chains], family, source)
+            lists[family] = chains
+        else:
+            specs = [_spec(family, e, f"{source}: {family}[{i}]") for i, e in enumerate(entries)]
+            _auto_labels(specs)
+            _check_unique([s.label for s in specs], family, source)
+            lists[family] = specs
+    prompts = data.get("prompts", {})
+    if not isinstance(prompts, dict) or set(prompts) - PROMPT_KEYS:
+        raise ConfigError(f"{source}: [prompts] accepts {sorted(PROMPT_KEYS)}")
+    backend = _spec("backends", data["backend"], f"{source}: backend")
+    dataset = _spec("datasets", data["dataset"], f"{source}: dataset")
+    backend.label, dataset.label = backend.label or backend.name, dataset.label or dataset.name
+    return Suite(
+        name=str(name), description=str(data.get("description", "")), seeds=seeds,
+        device=str(data.get("device", "auto")), dtype=str(data.get("dtype", "float32")),
+        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, **lists,
+    )
+
+
+def builtin_suites() -> dict[str, str]:
+    """Built-in suite names -> TOML text (files shipped in benchbase/suites/)."""
+    folder = resources.files("benchbase.suites")
+    return {p.name[:-5]: p.read_text(encoding="utf-8") for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def load_suite(ref: str | None = None) -> Suite:
+    """A suite from a TOML path, or a built-in suite by name (default: ``smoke``)."""
+    ref = ref or "smoke"
+    path = Path(ref)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"suite file {path} does not exist")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    else:
+        suites = builtin_suites()
+        if ref not in suites:
+            import difflib
+
+            close = difflib.get_close_matches(ref, list(suites), n=3, cutoff=0.4)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"no suite file {ref!r} and no built-in suite of that name.{hint} "
+                              f"Built-in suites: {', '.join(sorted(suites))}.")
+        text, source = suites[ref], f"builtin:{ref}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_suite(data, source)

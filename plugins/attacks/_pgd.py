@@ -1,0 +1,84 @@
+"""The PGD helper every attack shares: sign step, L∞ projection, [0,1] clamp, optional random
+start, expectation over transformations (EOT).
+
+Everything is in [0, 1] pixel space with budgets in 8-bit levels. Methods written in
+[-1, 1] (Anti-DreamBooth: eps 0.05, step 0.005) map exactly: a sign step scales both the
+step and the ball by 1/2, so the iterates are the same images (algorithms.md §0.2).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def project(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """Π(x) = clamp(x0 + clamp(x - x0, -eps, eps), 0, 1), eps in [0, 1] units."""
+    return (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
+
+
+def random_start(x0: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """x0 + U(-eps, eps), as AdvDM / Mist / PhotoGuard start."""
+    noise = (torch.rand(x0.shape, generator=generator) * 2 - 1) * eps
+    return (x0 + noise.to(x0.device, x0.dtype)).clamp(0, 1)
+
+
+def sign_step(x: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, alpha: float, eps: float,
+              maximize: bool = True) -> torch.Tensor:
+    """One PGD update (ascent when ``maximize``) followed by the projection."""
+    step = alpha * grad.sign()
+    return project(x.detach() + (step if maximize else -step), x0, eps)
+
+
+def eot_grad(x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+             transform: Transform | None = None, samples: int = 1) -> tuple[torch.Tensor, float]:
+    """Gradient of E_T[loss(T(x))] w.r.t. x, averaged over ``samples`` draws of ``transform``
+    (each draw may be random: blur/flip for MetaCloak, a purifier chain for adaptive attacks)."""
+    x = x.detach().requires_grad_(True)
+    total = 0.0
+    grad = torch.zeros_like(x)
+    for _ in range(max(1, samples)):
+        loss = loss_fn(transform(x) if transform is not None else x)
+        grad = grad + torch.autograd.grad(loss, x)[0]
+        total += float(loss.detach())
+    n = max(1, samples)
+    return grad / n, total / n
+
+
+def pgd(
+    x0: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    eps_levels: float,
+    alpha_levels: float | Callable[[int], float],
+    steps: int,
+    generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
+    use_random_start: bool = False,
+    maximize: bool = True,
+    transform: Transform | None = None,
+    eot_samples: int = 1,
+    progress: Callable | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Projected sign-gradient ascent (or descent) of ``loss_fn`` inside the L∞ ball around ``x0``.
+
+    ``alpha_levels`` may be a function of the step index (PhotoGuard's decaying step).
+    ``start`` continues from an existing perturbed batch (ASPL's outer loop). Returns the
+    perturbed batch (float, not yet quantised) and the loss at each step.
+    """
+    eps = eps_levels / 255.0
+    x = start.detach().clone() if start is not None else x0.detach().clone()
+    if use_random_start:
+        if generator is None:
+            raise ValueError("random start needs a generator")
+        x = random_start(x0, eps, generator)
+    losses = []
+    it = range(steps)
+    for i in (progress(it, desc="pgd", leave=False) if progress else it):
+        grad, loss = eot_grad(x, loss_fn, transform, eot_samples)
+        alpha = (alpha_levels(i) if callable(alpha_levels) else alpha_levels) / 255.0
+        x = sign_step(x, x0, grad, alpha, eps, maximize)
+        losses.append(loss)
+    return x.detach(), losses

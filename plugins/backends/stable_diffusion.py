@@ -1,0 +1,85 @@
+"""The ``sd`` and ``tiny`` backends. Both load through ``benchbase.models.sd.load_sd``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from benchbase.components import Backend, Params
+from benchbase.models.sd import SDModels, load_sd
+
+
+class StableDiffusionBackend(Backend):
+    """Stable Diffusion (SD 1.x / 2.x, ε or v prediction) through diffusers.
+
+    ``model`` is a local diffusers folder or a hub id (honours HF_HUB_OFFLINE=1). The
+    protocol's base model is SD-2.1-base at 512 px.
+    """
+
+    class Params(Params):
+        model: str = "stabilityai/stable-diffusion-2-1-base"
+        revision: str | None = None
+        variant: str | None = None
+        resolution: int = 512
+        scheduler: Literal["default", "ddim", "ddpm"] = "default"
+
+    def fingerprint(self) -> str:
+        p = self.params
+        ident = {"model": p.model, "revision": p.revision, "variant": p.variant}
+        folder = Path(p.model).expanduser()
+        if (folder / "model_index.json").is_file():  # a local folder: hash its configs, not its path
+            configs = sorted(folder.glob("*/config.json")) + sorted(folder.glob("*/scheduler_config.json"))
+            ident["configs"] = hashlib.sha256(b"".join(f.read_bytes() for f in configs)).hexdigest()[:16]
+            weights = sorted(folder.glob("*/*.safetensors")) + sorted(folder.glob("*/*.bin"))
+            ident["weights"] = [(f.parent.name, f.name, f.stat().st_size) for f in weights]
+        return "sd-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"Stable Diffusion {self.params.model} at {self.params.resolution} px"
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
+        p = self.params
+        return load_sd(p.model, device, dtype, p.resolution, revision=p.revision, variant=p.variant,
+                       scheduler=None if p.scheduler == "default" else p.scheduler)
+
+
+class TinyBackend(Backend):
+    """Random-weight Stable-Diffusion-shaped model built offline from configs.
+
+    The numbers it produces test the machinery (stages, caching, budgets), not protection.
+    """
+
+    class Params(Params):
+        preset: Literal["tiny", "small"] = "tiny"
+        seed: int = 0
+        resolution: int = 64
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    def _config(self) -> dict:
+        from benchbase.models.tiny import tiny_config
+
+        p = self.params
+        return tiny_config(p.preset, p.seed, p.resolution, p.prediction_type)
+
+    def fingerprint(self) -> str:
+        from benchbase.models.tiny import fingerprint
+
+        return f"tiny-{fingerprint(self._config())}"
+
+    def describe(self) -> str:
+        p = self.params
+        return (f"benchbase tiny backend, preset {p.preset!r}, RANDOM weights (seed {p.seed}), "
+                f"{p.resolution} px, {p.prediction_type}")
+
+    def folder(self) -> Path:
+        from benchbase.models.tiny import ensure_tiny_folder
+
+        p = self.params
+        return ensure_tiny_folder(p.preset, p.seed, p.resolution, p.prediction_type)
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
+        return load_sd(str(self.folder()), device, dtype, self.params.resolution)

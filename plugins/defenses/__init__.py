@@ -1,0 +1,9 @@
+"""Training-time defenses."""
+
+from benchbase.hookspecs import hookimpl
+
+
+@hookimpl
+def register_defenses(register):
+    register("none", "benchbase_plugins.defenses.basic:NoDefense", version="1",
+             description="plain fine-tuning: prompts, batches and loss unchanged")

@@ -1,0 +1,35 @@
+"""Metrics: scores of protected, purified and generated images (docs/metrics.md)."""
+
+from benchbase.hookspecs import hookimpl
+
+_M = "benchbase_plugins.metrics"
+
+
+@hookimpl
+def register_metrics(register):
+    register("fdfr", f"{_M}.face_metrics:FaceDetectionFailureRate", version="1",
+             description="face detection failure rate of generated images (MTCNN default, RetinaFace optional)")
+    register("ism", f"{_M}.face_metrics:IdentityScoreMatching", version="1",
+             description="cosine of the largest generated face to the mean clean reference embedding (dlib default)")
+    register("ser-fiq", f"{_M}.face_metrics:SERFIQ", version="1",
+             description="SER-FIQ face quality, 100 dropout passes (needs FaceNet VGGFace2 weights)")
+    register("brisque", f"{_M}.quality:BRISQUE", version="1",
+             description="BRISQUE no-reference quality (brisque package, offline; pyiqa optional)")
+    register("liqe", f"{_M}.quality:LIQE", version="1",
+             description="LIQE quality in [1, 5] through pyiqa (needs its weights)")
+    register("clip-iqa", f"{_M}.quality:CLIPIQA", version="1",
+             description="CLIP-IQA through pyiqa, or MetaCloak's CLIP-IQA-C good/bad face prompts via open_clip")
+    register("clip-align", f"{_M}.clip:CLIPAlignment", version="1",
+             description="cosine of the open_clip image embedding to the class/instance prompt (DiffShortcut diagnostic)")
+    register("psnr", f"{_M}.fidelity:PSNR", version="1",
+             description="PSNR (dB) of the protected (or purified) set_B against the clean set_B")
+    register("ssim", f"{_M}.fidelity:SSIM", version="1",
+             description="SSIM of the protected (or purified) set_B against the clean set_B")
+    register("lpips", f"{_M}.fidelity:LPIPS", version="1",
+             description="LPIPS (AlexNet) of the protected (or purified) set_B against clean (needs weights)")
+    register("linf", f"{_M}.fidelity:LInf", version="1",
+             description="measured L-inf distance (levels) of the protected (or purified) set_B to clean")
+    register("fid", f"{_M}.distribution:FID", version="1",
+             description="FID (KID in details) of generated images against set_C (needs Inception weights)")
+    register("ref-rmse", f"{_M}.fidelity:ReferenceRMSE", version="1",
+             description="RMS pixel distance (levels) of each generated image to its nearest set_C reference, 32 px")

@@ -1,0 +1,180 @@
+"""Face metrics of generated images: FDFR, ISM (algorithms.md §4.1, §4.2) and SER-FIQ (§4.3).
+
+Detector and embedder are pluggable (``faces.py``); the defaults (MTCNN, dlib) work
+offline. Results name the detector and embedder in ``details``: numbers from different
+models or reference conventions must never be mixed in one column.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+
+from benchbase.components import Context, Metric, MetricInputs, MetricValue, Params
+from benchbase.errors import ConfigError
+from benchbase.images import to_uint8
+
+from . import faces
+from ._common import aggregate, check, image_groups
+
+
+class FaceDetectionFailureRate(Metric):
+    """FDFR (Anti-DreamBooth, Le et al., ICCV'23): fraction of generated images in which the
+    detector finds no face; per prompt and pooled over prompts. Higher favours the protector.
+
+    Anti-DreamBooth detects with RetinaFace (deepface); the default here is MTCNN
+    (facenet-pytorch, weights in the wheel). ``details.face_det_score`` is the soft form
+    (MetaCloak): mean confidence of the best face, 0 when none.
+    """
+
+    direction: ClassVar[str] = "higher"
+    reads: ClassVar[tuple[str, ...]] = ("generated",)
+
+    class Params(Params):
+        detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+        of: Literal["generated", "protected", "purified", "clean"] = "generated"
+
+    def available(self) -> str | None:
+        return faces.detector_available(self.params.detector)
+
+    def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
+        check(self.available)
+        detector = faces.get_detector(self.params.detector, device=str(ctx.device))
+        groups = image_groups(inputs, self.params.of)
+        failures, confidences = {}, []
+        for group, images in groups.items():
+            found = detector.detect(images)
+            failures[group] = [0.0 if f else 1.0 for f in found]
+            confidences += [max((x.score for x in f), default=0.0) for f in found]
+        value = aggregate(failures, detector=self.params.detector)
+        value.details["face_det_score"] = float(np.mean(confidences)) if confidences else float("nan")
+        return value
+
+
+def _largest_face_embeddings(images: torch.Tensor, detector, embedder) -> list[np.ndarray | None]:
+    arrays = to_uint8(images)
+    out = []
+    for arr, found in zip(arrays, detector.detect(images)):
+        face = faces.largest(found)
+        out.append(None if face is None else embedder.embed(arr, face))
+    return out
+
+
+def _cosine(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-12))
+
+
+class IdentityScoreMatching(Metric):
+    """ISM (Anti-DreamBooth): cosine between the embedding of the largest face in each
+    generated image and the mean embedding of the identity's clean reference faces.
+
+    Images without a face are excluded (they count in FDFR); the value is the mean over
+    scored images, per prompt and pooled. ``reference``: ``set_C`` (suite default,
+    algorithms.md §4.2, MetaCloak/DiffShortcut's reference set) or ``adb`` (set_A ∪ set_B
+    clean, Anti-DreamBooth's ``test.py``). Lower favours the protector. The paper's embedder
+    is ArcFace; the offline default is dlib's 128-d ResNet, whose numbers are on another scale.
+    """
+
+    direction: ClassVar[str] = "lower"
+    reads: ClassVar[tuple[str, ...]] = ("generated", "references", "clean", "set_A")
+
+    class Params(Params):
+        detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+        embedder: Literal["dlib", "arcface", "facenet-vggface2"] = "dlib"
+        reference: Literal["set_C", "adb"] = "set_C"
+        of: Literal["generated", "protected", "purified"] = "generated"
+
+    def available(self) -> str | None:
+        return faces.detector_available(self.params.detector) or faces.embedder_available(self.params.embedder)
+
+    def _references(self, inputs: MetricInputs) -> torch.Tensor:
+        if self.params.reference == "set_C":
+            refs = inputs.references
+        else:
+            parts = [x for x in (inputs.set_A, inputs.clean) if x is not None]
+            refs = torch.cat(parts) if len(parts) == 2 else None
+        if refs is None or len(refs) == 0:
+            raise ConfigError(f"ism: reference {self.params.reference!r} needs images the core did not pass")
+        return refs
+
+    def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
+        check(self.available)
+        detector = faces.get_detector(self.params.detector, device=str(ctx.device))
+        embedder = faces.get_embedder(self.params.embedder)
+        ref_embs = [e for e in _largest_face_embeddings(self._references(inputs), detector, embedder) if e is not None]
+        if not ref_embs:  # ISM is undefined: say so rather than invent a value
+            return MetricValue(value=float("nan"), count=0, details={
+                "reason": f"the {self.params.detector} detector finds no face in any reference image",
+                "detector": self.params.detector, "embedder": self.params.embedder})
+        centre = np.mean(ref_embs, axis=0)
+        per_group = {}
+        for group, images in image_groups(inputs, self.params.of).items():
+            embs = _largest_face_embeddings(images, detector, embedder)
+            per_group[group] = [None if e is None else _cosine(e, centre) for e in embs]
+        return aggregate(per_group, detector=self.params.detector, embedder=self.params.embedder,
+                         reference=self.params.reference, reference_faces=len(ref_embs))
+
+
+def serfiq_quality(embeddings: np.ndarray, alpha: float = 130.0, r: float = 0.88) -> float:
+    """SER-FIQ from T stochastic embeddings of one face (Terhörst et al., CVPR'20).
+
+    Mean pairwise Euclidean distance of the L2-normalised embeddings d̄ (i < j),
+    s = 2·σ(−d̄), then the published normalisation q = σ(α·(s − r)), α = 130, r = 0.88.
+    """
+    e = np.asarray(embeddings, dtype=np.float64)
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    diff = np.linalg.norm(e[:, None, :] - e[None, :, :], axis=-1)
+    iu = np.triu_indices(len(e), k=1)
+    d = float(diff[iu].mean())
+    s = 2.0 / (1.0 + math.exp(d))
+    return 1.0 / (1.0 + math.exp(-alpha * (s - r)))
+
+
+class SERFIQ(Metric):
+    """SER-FIQ face image quality (Terhörst et al., CVPR'20) as Anti-DreamBooth evaluates it.
+
+    MTCNN with thresholds (0.6, 0.7, 0.8) and a 50-px minimum face; T = 100 passes with
+    dropout through an embedder that has a dropout layer; ``serfiq_quality`` gives the
+    published normalisation. Undetected images are skipped. Lower favours the protector.
+    The original model is InsightFace's MXNet ArcFace with dropout (not redistributable
+    here); the default backend is FaceNet InceptionResnetV1 (VGGFace2), which the SER-FIQ
+    paper also evaluates — numbers differ between backends.
+    """
+
+    direction: ClassVar[str] = "lower"
+    reads: ClassVar[tuple[str, ...]] = ("generated",)
+
+    class Params(Params):
+        embedder: Literal["facenet-vggface2"] = "facenet-vggface2"
+        weights: str | None = None  # local checkpoint path of the embedder
+        passes: int = 100
+        min_face_size: int = 50
+        of: Literal["generated", "protected", "purified", "clean"] = "generated"
+
+    def available(self) -> str | None:
+        cls = faces.EMBEDDERS[self.params.embedder]
+        if not cls.has_dropout:  # pragma: no cover - the Literal only allows dropout embedders
+            return f"unavailable: SER-FIQ — embedder {self.params.embedder!r} has no dropout layer"
+        return faces.detector_available("mtcnn") or cls.available(self.params.weights)
+
+    def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
+        check(self.available)
+        detector = faces.get_detector("mtcnn", min_face_size=self.params.min_face_size,
+                                      thresholds=(0.6, 0.7, 0.8), device=str(ctx.device))
+        embedder = faces.get_embedder(self.params.embedder, weights=self.params.weights)
+        per_group = {}
+        for group, images in image_groups(inputs, self.params.of).items():
+            arrays = to_uint8(images)
+            values = []
+            for arr, found in zip(arrays, detector.detect(images)):
+                face = faces.largest(found)
+                if face is None:
+                    values.append(None)
+                    continue
+                embs = embedder.stochastic_embeddings(arr, face, self.params.passes, generator=ctx.generator)
+                values.append(serfiq_quality(embs))
+            per_group[group] = values
+        return aggregate(per_group, embedder=self.params.embedder, passes=self.params.passes)

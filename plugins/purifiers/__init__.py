@@ -1,0 +1,34 @@
+"""Purifiers: transforms applied to protected images before the victim fine-tunes."""
+
+from benchbase.hookspecs import hookimpl
+
+_M = "benchbase_plugins.purifiers"
+
+
+@hookimpl
+def register_purifiers(register):
+    register("none", f"{_M}.classic:NoPurifier", version="1",
+             description="identity: the victim trains on the protected images (lower bound)")
+    register("oracle", f"{_M}.classic:Oracle", version="1",
+             description="the clean set_B originals (upper bound)")
+    register("jpeg", f"{_M}.classic:JPEG", version="1",
+             description="JPEG re-compression (quality 75, the Anti-DreamBooth scripts' setting)")
+    register("blur", f"{_M}.classic:GaussianBlur", version="1",
+             description="PIL Gaussian blur, radius 5 at 512 px (DiffShortcut gau)")
+    register("resize", f"{_M}.classic:Resize", version="1",
+             description="bicubic 512 -> 128 -> 512 (suite-defined)")
+    register("diffpure", f"{_M}.diffusion:LatentDiffPure", version="1",
+             description="latent DiffPure on the backend's SD: t = 300, DDPM, CFG 7.5 quality prompt (DiffShortcut ldiffp)")
+    register("pixel-diffpure", f"{_M}.diffusion:PixelDiffPure", version="1",
+             description="pixel DiffPure with an unconditional diffusers model, t* = 0.1 (GrIDPure diffpure.py)")
+    register("gridpure", f"{_M}.diffusion:GrIDPure", version="1",
+             description="GrIDPure: 256 windows stride 128 + corner mosaic, t = 10, gamma 0.1, 20 iterations")
+    register("sr", f"{_M}.upscale:SuperResolution", version="1",
+             description="128 px then the SD x4 upscaler, 75 steps, CFG 9, noise_level 20 (DiffShortcut sr)")
+    register("noisy-upscale", f"{_M}.upscale:NoisyUpscale", version="1",
+             description="Gaussian noise sigma 0.1 then the SD x4 upscaler at noise level 320 (Noisy Upscaling)")
+    register("impress", f"{_M}.impress:IMPRESS", version="1",
+             description="IMPRESS VAE-consistency purification, 3000 Adam steps, LPIPS bound 0.1")
+    register("realign", f"{_M}.realign:Realign", version="1",
+             description="DiffShortcut realignment (face restorer hook + 128 px + x4 upscaler) "
+                         "at the lightest strength that restores CLIP alignment")

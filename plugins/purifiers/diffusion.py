@@ -1,0 +1,292 @@
+"""Diffusion purification: latent DiffPure on the backend's SD, pixel DiffPure and GrIDPure on
+an unconditional pixel model (algorithms.md §2.5–2.7).
+
+All three forward-noise the input and run an ancestral DDPM pass back to t = 0. Their
+``differentiable_view`` is BPDA by default; ``gradient = "truncated"`` returns the real
+output and back-propagates exactly through the encoder/decoder (or resizes) and the last
+``truncated_steps`` denoising steps, straight-through (identity) across the earlier ones.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from benchbase.components import Context, Params, Purifier
+from benchbase.images import quantize
+
+from ._common import load_pretrained, quiet_diffusers, randn, resize, straight_through
+
+
+def _ancestral(scheduler, start: int, x_t: torch.Tensor, predict, ctx: Context, tracked: int,
+               desc: str | None = None) -> torch.Tensor:
+    """DDPM ancestral steps ``start, start-1, ..., 0`` from ``x_t``. With ``tracked`` > 0 and
+    grad enabled, the last ``tracked`` steps keep their graph and the earlier ones are bridged
+    straight-through, so the output has the exact value and a truncated gradient."""
+    timesteps = list(range(start, -1, -1))
+    scheduler.set_timesteps(timesteps=timesteps, device=x_t.device)
+    grad = torch.is_grad_enabled() and tracked > 0
+    entry = x_t
+    x = x_t.detach() if grad else x_t
+    iterator = enumerate(scheduler.timesteps)
+    if desc:
+        iterator = ctx.progress(iterator, desc=desc, total=len(timesteps), leave=False)
+    first = max(0, len(timesteps) - tracked)
+    for i, t in iterator:
+        track = grad and i >= first
+        if grad and i == first:
+            x = straight_through(x, entry)
+        with torch.set_grad_enabled(track):
+            x = scheduler.step(predict(x, t), t, x, generator=ctx.generator).prev_sample
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Latent DiffPure
+# ---------------------------------------------------------------------------------------
+
+
+class LatentDiffPure(Purifier):
+    """``diffpure``: latent DiffPure as DiffShortcut ``ldiffp`` (``defenses/diffpure_main.py``):
+    z = 0.18215·E(x).sample(), DDPM-noised to t = 300, ancestral DDPM 300 → 0 with
+    classifier-free guidance 7.5 (unconditional "") on "a photo of a person, clear, high
+    resolution, high quality, noise-free", decoded. ``prompt = ""`` gives ``eldiffp``.
+
+    Runs on the backend's own SD models (``ctx.models()``; the reference uses SD-1.4),
+    seeded from ``ctx.generator``.
+    """
+
+    class Params(Params):
+        t: int = Field(300, ge=0, le=999)
+        prompt: str = "a photo of a person, clear, high resolution, high quality, noise-free"
+        negative_prompt: str = ""
+        guidance_scale: float = 7.5
+        batch_size: int = Field(4, ge=1)
+        gradient: Literal["bpda", "truncated"] = "bpda"
+        truncated_steps: int = Field(1, ge=1)
+
+    def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
+        from diffusers import DDPMScheduler
+
+        p = self.params
+        models = ctx.models()
+        outs = []
+        for start in range(0, len(images), p.batch_size):
+            x = images[start:start + p.batch_size]
+            n = len(x)
+            with torch.no_grad():
+                cond = models.encode_prompt([p.prompt] * n)
+                uncond = models.encode_prompt([p.negative_prompt] * n)
+            emb = torch.cat([uncond, cond])
+            # the model's own betas; latents are never clipped
+            scheduler = DDPMScheduler.from_config(models.noise_scheduler.config, clip_sample=False)
+            with torch.set_grad_enabled(tracked > 0 and torch.is_grad_enabled()):
+                z = models.encode_images(x, sample=True, generator=ctx.generator)
+            noise = randn(z.shape, ctx, z.dtype)
+            z_t = scheduler.add_noise(z, noise, torch.tensor([p.t], device=z.device))
+
+            def predict(z_in, t, emb=emb):
+                pred = models.unet(torch.cat([z_in] * 2).to(models.unet.dtype), t, emb.to(models.unet.dtype)).sample
+                u, c = pred.float().chunk(2)
+                return u + p.guidance_scale * (c - u)
+
+            z0 = _ancestral(scheduler, p.t, z_t, predict, ctx, tracked, desc="diffpure denoising")
+            with torch.set_grad_enabled(tracked > 0 and torch.is_grad_enabled()):
+                outs.append(models.decode(z0))
+        return torch.cat(outs).to(images.device, images.dtype)
+
+    def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        with torch.no_grad():
+            return self._run(images, ctx, 0)
+
+    def differentiable_view(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.params.gradient == "bpda":
+            return super().differentiable_view(images, ctx)
+        with torch.enable_grad():
+            return self._run(images, ctx, self.params.truncated_steps)
+
+
+# ---------------------------------------------------------------------------------------
+# Pixel-space models
+# ---------------------------------------------------------------------------------------
+
+PIXEL_MODEL = "google/ddpm-ema-celebahq-256"
+
+
+def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_denoised: bool = True):
+    """An unconditional diffusers pixel model: (UNet2DModel, DDPMScheduler). Accepts a
+    DDPMPipeline-style folder/hub id (model_index.json, unet/, scheduler/) or a bare UNet2DModel
+    folder with its scheduler config. ``"tiny"`` is the offline stand-in."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    if model == "tiny":
+        from ._tiny_models import tiny_pixel_model_folder
+
+        model = str(tiny_pixel_model_folder())
+
+    def load(path: str, local_only: bool):
+        with quiet_diffusers():
+            try:
+                pipe = DDPMPipeline.from_pretrained(path, local_files_only=local_only)
+                return pipe.unet, pipe.scheduler
+            except (OSError, ValueError):
+                unet = UNet2DModel.from_pretrained(path, local_files_only=local_only)
+                return unet, DDPMScheduler.from_pretrained(path, local_files_only=local_only)
+
+    unet, scheduler = load_pretrained(
+        "unconditional pixel diffusion model", model, load,
+        hint=' (any diffusers UNet2DModel + scheduler, e.g. a converted guided-diffusion 256x256 '
+             'uncond model; `model = "tiny"` for the offline stand-in)')
+    unet = unet.to(device, dtype).requires_grad_(False).eval()
+    # ancestral sampling as guided-diffusion's p_sample; clip_denoised clips the x0 estimate
+    scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=clip_denoised)
+    return unet, scheduler
+
+
+def pixel_purify(unet, scheduler, x01: torch.Tensor, t: int, ctx: Context, tracked: int = 0,
+                 ds_quirk: bool = False, desc: str | None = None) -> torch.Tensor:
+    """DiffPure on model-sized [0,1] images: noise to step index t-1 and run the t ancestral
+    steps t-1 … 0 (guided-diffusion's q_sample + p_sample loop). ``ds_quirk`` feeds [0,1]
+    values to the [-1,1] model as DiffShortcut's code does."""
+    if t <= 0:
+        return x01
+    x = x01 if ds_quirk else x01 * 2 - 1
+    noise = randn(x.shape, ctx, x.dtype)
+    x_t = scheduler.add_noise(x, noise, torch.tensor([t - 1], device=x.device))
+
+    def predict(x_in, step):
+        return unet(x_in.to(unet.dtype), step).sample.float()
+
+    x0 = _ancestral(scheduler, t - 1, x_t, predict, ctx, tracked, desc=desc)
+    return (x0 if ds_quirk else (x0 + 1) / 2).clamp(0, 1)
+
+
+class _PixelPurifier(Purifier):
+    class Params(Params):
+        model: str = PIXEL_MODEL
+        t: int = Field(100, ge=0, le=1000)
+        clip_denoised: bool = True
+        ds_quirk: bool = False
+        batch_size: int = Field(8, ge=1)
+        gradient: Literal["bpda", "truncated"] = "bpda"
+        truncated_steps: int = Field(1, ge=1)
+
+    _model = None
+    _model_key = None
+
+    def model(self, ctx: Context):
+        key = (self.params.model, str(ctx.device), ctx.dtype, self.params.clip_denoised)
+        if self._model_key != key:
+            self._model = load_pixel_model(self.params.model, ctx.device, ctx.dtype, self.params.clip_denoised)
+            self._model_key = key
+        return self._model
+
+    def model_side(self, ctx: Context) -> int:
+        size = self.model(ctx)[0].config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def purify_patches(self, patches: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
+        unet, scheduler = self.model(ctx)
+        outs = []
+        for start in range(0, len(patches), self.params.batch_size):
+            outs.append(pixel_purify(unet, scheduler, patches[start:start + self.params.batch_size], self.params.t,
+                                     ctx, tracked, self.params.ds_quirk, desc=f"{self.name or 'diffpure'} denoising"))
+        return torch.cat(outs)
+
+    def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        with torch.no_grad():
+            return self._run(images.to(ctx.device), ctx, 0).to(images.device, images.dtype)
+
+    def differentiable_view(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        if self.params.gradient == "bpda":
+            return super().differentiable_view(images, ctx)
+        with torch.enable_grad():
+            return self._run(images, ctx, self.params.truncated_steps)
+
+
+class PixelDiffPure(_PixelPurifier):
+    """``pixel-diffpure``: DiffPure (Nie et al., ICML'22) as GrIDPure's ``diffpure.py`` applies
+    it to SD protections: resize to the model size (512 → 256, bilinear), forward-noise to
+    t = 100 of 1000 (t* = 0.1), one ancestral pass with clipped x0, resize back.
+
+    The official model is guided-diffusion ``256x256_diffusion_uncond.pt`` (ImageNet), which
+    must be converted to a diffusers UNet2DModel folder and passed as ``model``; the default
+    hub id is a diffusers-native 256-px unconditional face DDPM with the same linear
+    1000-step schedule.
+    """
+
+    def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        side = self.model_side(ctx)
+        x = resize(images, side, mode="bilinear")
+        y = self.purify_patches(x, ctx, tracked)
+        return resize(y, (h, w), mode="bilinear").clamp(0, 1)
+
+
+def _positions(side: int, window: int) -> list[int]:
+    pos = list(range(0, side - window + 1, max(1, window // 2)))
+    if pos[-1] + window < side:
+        pos.append(side - window)
+    return pos
+
+
+class GrIDPure(_PixelPurifier):
+    """``gridpure``: GrIDPure (Zhao et al., CVPR'24), official README setting. Each iteration
+    cuts model-sized windows at half-window stride (256 px at stride 128 on 512 px: 9
+    windows) plus one mosaic of the four half-window image corners, DiffPure-s each at
+    t = 10 of 1000, averages overlaps (corners get the mosaic's extra vote), blends
+    x ← (1-γ)·x_pure + γ·x_in with γ = 0.1 and quantises to 8 bits; 20 iterations.
+    Images smaller than the window are resized up to it and back.
+    """
+
+    class Params(_PixelPurifier.Params):
+        t: int = Field(10, ge=0, le=1000)
+        iterations: int = Field(20, ge=1)
+        gamma: float = Field(0.1, ge=0, le=1)
+        corner_mosaic: bool = True
+        quantize_between: bool = True
+
+    def _iteration(self, x: torch.Tensor, ctx: Context, tracked: int, window: int) -> torch.Tensor:
+        n, c, side, _ = x.shape
+        pos = _positions(side, window)
+        boxes = [(i, j) for i in pos for j in pos]
+        patches = [x[:, :, i:i + window, j:j + window] for i, j in boxes]
+        half = window // 2
+        mosaic = self.params.corner_mosaic and len(pos) > 1
+        if mosaic:
+            top = torch.cat([x[:, :, :half, :half], x[:, :, :half, side - half:]], dim=3)
+            bottom = torch.cat([x[:, :, side - half:, :half], x[:, :, side - half:, side - half:]], dim=3)
+            patches.append(torch.cat([top, bottom], dim=2))
+        purified = self.purify_patches(torch.cat(patches), ctx, tracked).view(len(patches), n, c, window, window)
+        total = torch.zeros_like(x)
+        count = torch.zeros_like(x[:, :1])
+        for k, (i, j) in enumerate(boxes):
+            total = total + torch.nn.functional.pad(purified[k], (j, side - j - window, i, side - i - window))
+            count[:, :, i:i + window, j:j + window] += 1
+        if mosaic:
+            m = purified[-1]
+            corners = [((0, 0), m[..., :half, :half]), ((0, side - half), m[..., :half, half:]),
+                       ((side - half, 0), m[..., half:, :half]), ((side - half, side - half), m[..., half:, half:])]
+            for (i, j), piece in corners:
+                total = total + torch.nn.functional.pad(piece, (j, side - j - half, i, side - i - half))
+                count[:, :, i:i + half, j:j + half] += 1
+        return total / count
+
+    def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
+        p = self.params
+        h, w = images.shape[-2:]
+        window = self.model_side(ctx)
+        side = max(h, window)
+        x = resize(images, side, mode="bilinear")
+        for _ in ctx.progress(range(p.iterations), desc="gridpure iterations", leave=False):
+            x_in = x
+            x = (1 - p.gamma) * self._iteration(x, ctx, tracked, window) + p.gamma * x_in
+            if p.quantize_between:  # the reference round-trips through a PIL uint8 image
+                q = quantize(x.detach()).to(x)
+                x = straight_through(q, x) if tracked else q
+        return resize(x, (h, w), mode="bilinear").clamp(0, 1)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One command to set up a development/benchmark environment in .venv (offline-friendly).
+# Usage: bash scripts/setup.sh            (PYTHON=python3.11 bash scripts/setup.sh to pick an interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install --quiet --upgrade pip
+# torch first, pinned: a range that admits a newer release makes pip fetch several GB of CUDA wheels.
+$PIP install --quiet "torch==2.14.1" "torchvision==0.29.1"
+$PIP install --quiet -e ".[all,dev]"
+# facenet-pytorch 2.6.0 pins torch<2.3 and numpy<2 in its metadata but works with current ones;
+# --no-deps keeps pip from downgrading (offline-stack.md §7.1). It ships MTCNN's weights.
+$PIP install --quiet --no-deps "facenet-pytorch==2.6.0"
+.venv/bin/python -c "import benchbase, torch, diffusers, facenet_pytorch; print('benchbase', benchbase.__version__, '| torch', torch.__version__)"

@@ -1,0 +1,61 @@
+"""The CLI: fast help without torch, listing, clear errors instead of tracebacks."""
+
+import subprocess
+import sys
+
+BENCHBASE = [sys.executable, "-m", "benchbase.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run([*BENCHBASE, *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from click.testing import CliRunner; from benchbase.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(main, ['ls', 'attacks']); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_ls_attacks_prints_names_one_per_line():
+    out = run("ls", "attacks")
+    assert out.returncode == 0
+    names = out.stdout.split()
+    assert names[:2] == ["none", "noise"]
+
+
+def test_ls_suites_lists_builtins():
+    out = run("ls", "suites")
+    assert {"smoke", "sd21-vggface2"} <= set(out.stdout.split())
+
+
+def test_unknown_suite_is_a_clear_error():
+    out = run("run", "smok")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "smoke" in out.stderr
+
+
+def test_unknown_component_in_suite_suggests(tmp_path):
+    suite = tmp_path / "bad.toml"
+    suite.write_text('backend = { name = "tiny" }\ndataset = { name = "sample" }\n'
+                     'attacks = ["nosie"]\npersonalizers = ["dreambooth"]\nmetrics = ["psnr"]\n')
+    out = run("run", str(suite), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "nosie" in out.stderr and "noise" in out.stderr
+
+
+def test_missing_dataset_folder_is_a_clear_error(tmp_path):
+    suite = tmp_path / "bad.toml"
+    suite.write_text(f'backend = {{ name = "tiny" }}\ndataset = {{ name = "folder", root = "{tmp_path}/nope" }}\n'
+                     'attacks = ["none"]\npersonalizers = ["dreambooth"]\nmetrics = ["psnr"]\n')
+    out = run("run", str(suite), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "does not exist" in out.stderr
+
+
+def test_status_of_a_non_run_folder(tmp_path):
+    out = run("status", str(tmp_path))
+    assert out.returncode == 2 and "not a benchbase run folder" in out.stderr

@@ -1,0 +1,197 @@
+"""The runner: end to end on the tiny backend, pure cache hits, resume after an interruption,
+failed cells recorded while the grid goes on, unavailable metrics."""
+
+import json
+
+import pytest
+import torch
+
+from benchbase import hookimpl, leaderboard
+from benchbase.components import Metric, MetricValue, Purifier
+from benchbase.errors import WeightsUnavailableError
+from benchbase.pipeline import Runner
+from benchbase.plugins import PluginManager
+from benchbase.suite import load_suite, parse_suite
+
+FAST_DREAMBOOTH = {"name": "dreambooth", "max_train_steps": 2, "num_class_images": 2, "class_inference_steps": 2,
+                   "num_images_per_prompt": 2, "num_inference_steps": 2}
+
+
+def small_suite(**over):
+    data = {"name": "t", "backend": {"name": "tiny"}, "dataset": {"name": "sample", "identities": ["astronaut"]},
+            "attacks": ["none", {"name": "noise", "eps": 8}], "purifiers": ["none", "jpeg"],
+            "personalizers": [FAST_DREAMBOOTH], "metrics": ["psnr", "ref-rmse"]}
+    data.update(over)
+    return parse_suite(data)
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """The built-in smoke suite, run twice into the same folder."""
+    run_dir = tmp_path_factory.mktemp("smoke")
+    suite = load_suite("smoke")
+    first = Runner(suite, run_dir, progress=False).run()
+    second = Runner(suite, run_dir, progress=False).run()
+    return run_dir, first, second
+
+
+def test_smoke_suite_end_to_end(smoke_runs):
+    run_dir, first, _ = smoke_runs
+    assert not first.failed, first.failed[:2]
+    metrics = {r["metric"] for r in first.records}
+    assert {"psnr", "ref-rmse"} <= metrics
+    for stage in ("protect", "purify", "personalize", "generate", "score", "class_images"):
+        assert first.executed.get(stage), f"stage {stage} never ran"
+    # one protection per identity x attack, shared by both purifiers
+    n_ids = len({r["identity"] for r in first.records})
+    assert first.executed["protect"] == n_ids * 2
+    noise_psnr = [r["value"] for r in first.records if r["attack"] == "noise" and r["metric"] == "psnr"]
+    assert all(25 < v < 45 for v in noise_psnr)  # uniform ±8 levels: ≈ 10·log10(3·255²/64) ≈ 34 dB
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["suite"] == "smoke" and "torch" in info["packages"]
+    assert (run_dir / "leaderboard").exists() is False or True
+    md, text = leaderboard.write(run_dir)
+    assert "RANDOM" in text and "psnr ↑" in text and (md.parent / "cells.csv").is_file()
+
+
+def test_second_run_is_a_pure_cache_hit(smoke_runs):
+    _, first, second = smoke_runs
+    assert second.executed == {}, second.executed
+    strip = lambda recs: [{k: v for k, v in r.items()} for r in recs]  # noqa: E731
+    assert strip(second.records) == strip(first.records)
+
+
+def test_protected_pngs_respect_the_budget(smoke_runs):
+    from benchbase.images import load_pngs, linf_levels
+
+    run_dir, _, _ = smoke_runs
+    metas = [json.loads(p.read_text()) for p in (run_dir / "store" / "protect").glob("*/*/_done.json")]
+    assert metas and all(m["info"]["linf_levels"] <= m["info"]["eps_levels"] for m in metas)
+    noise = [m for m in metas if m["parts"]["attack"]["name"] == "noise"]
+    assert all(m["info"]["linf_levels"] == 8 for m in noise)
+
+
+class Interrupting(Purifier):
+    """Raises KeyboardInterrupt (like Ctrl-C) on its first call in this process."""
+
+    calls = 0
+
+    def purify(self, images, ctx):
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise KeyboardInterrupt
+        return images
+
+
+class Exploding(Purifier):
+    def purify(self, images, ctx):
+        raise ValueError("this purifier always fails")
+
+
+class NeedsWeights(Metric):
+    reads = ("protected", "clean")
+
+    def score(self, inputs, ctx):
+        raise WeightsUnavailableError("unavailable: imaginary-net — put its weights in ~/imaginary")
+
+
+class TestPlugin:
+    @hookimpl
+    def register_purifiers(self, register):
+        register("interrupting", Interrupting)
+        register("exploding", Exploding)
+
+    @hookimpl
+    def register_metrics(self, register):
+        register("needs-weights", NeedsWeights)
+
+
+def manager():
+    pm = PluginManager()
+    pm.register(TestPlugin(), name="test-plugin")
+    return pm
+
+
+def test_interrupted_run_resumes_with_only_unfinished_stages(tmp_path):
+    Interrupting.calls = 0
+    suite = small_suite(attacks=[{"name": "noise", "eps": 8}], purifiers=["none", "interrupting"], metrics=["psnr", "ref-rmse"])
+    with pytest.raises(KeyboardInterrupt):
+        Runner(suite, tmp_path, manager=manager(), progress=False).run()
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    resumed = Runner(suite, tmp_path, manager=manager(), progress=False).run()
+    # the protection and the whole 'none' branch finished before the interruption
+    assert "protect" not in resumed.executed
+    assert resumed.executed["purify"] == 1 and resumed.executed["personalize"] == 1
+    assert not resumed.failed
+    assert not list((tmp_path / "store").glob("*/*/.*"))  # no temporary leftovers
+
+
+def test_failed_cell_is_recorded_and_grid_goes_on(tmp_path):
+    suite = small_suite(attacks=["none"], purifiers=["exploding", "none"], metrics=["psnr", "ref-rmse"])
+    summary = Runner(suite, tmp_path, manager=manager(), progress=False).run()
+    failed = [r for r in summary.records if r["purifier"] == "exploding"]
+    ok = [r for r in summary.records if r["purifier"] == "none"]
+    assert failed and all(r["status"] == "failed" and "always fails" in r["error"] for r in failed)
+    # psnr of the protection does not depend on the purifier, so it still scores
+    assert all(r["status"] == "ok" for r in ok)
+    text = leaderboard.write(tmp_path)[1]
+    assert "INCOMPLETE" in text
+
+
+def test_unavailable_metric_is_recorded_not_zero(tmp_path):
+    suite = small_suite(attacks=["none"], purifiers=["none"], metrics=["psnr", "needs-weights"])
+    summary = Runner(suite, tmp_path, manager=manager(), progress=False).run()
+    rec = [r for r in summary.records if r["metric"] == "needs-weights"][0]
+    assert rec["status"] == "unavailable" and rec["value"] is None and "imaginary-net" in rec["error"]
+    text = leaderboard.write(tmp_path)[1]
+    assert "unavailable" in text and "imaginary-net" in text
+
+
+def test_purifier_chain_and_labels(tmp_path):
+    suite = small_suite(attacks=["noise"], purifiers=[["jpeg", {"name": "jpeg", "quality": 30}]],
+                        metrics=[{"name": "psnr", "of": "purified"}])
+    assert suite.purifier_label(suite.purifiers[0]).count("jpeg") == 2
+    summary = Runner(suite, tmp_path, progress=False).run()
+    assert summary.records[0]["status"] == "ok"
+
+
+def test_cache_key_changes_with_parameters(tmp_path):
+    a = Runner(small_suite(attacks=[{"name": "noise", "eps": 4}], purifiers=["none"], metrics=["psnr"]), tmp_path,
+               progress=False).run()
+    b = Runner(small_suite(attacks=[{"name": "noise", "eps": 2}], purifiers=["none"], metrics=["psnr"]), tmp_path,
+               progress=False).run()
+    assert b.executed.get("protect") == 1
+    assert a.records[0]["value"] < b.records[0]["value"]  # smaller budget, higher PSNR
+
+
+def test_seeds_are_deterministic(tmp_path):
+    suite = small_suite(attacks=["noise"], purifiers=["none"], metrics=["psnr"])
+    r1 = Runner(suite, tmp_path / "a", progress=False).run().records
+    r2 = Runner(suite, tmp_path / "b", progress=False).run().records
+    assert [r["value"] for r in r1] == [r["value"] for r in r2]
+    other = small_suite(attacks=["noise"], purifiers=["none"], metrics=["psnr"], seeds=[1])
+    r3 = Runner(other, tmp_path / "c", progress=False).run().records
+    assert r3[0]["value"] != r1[0]["value"]
+
+
+def test_dreambooth_changes_weights_and_caches_class_images(tmp_path, tiny):
+    from benchbase.components import Defense
+    from benchbase.testing import make_context, sample_identity
+    from benchbase_plugins.personalizers.dreambooth import DreamBooth
+
+    ident = sample_identity(resolution=64)
+    ctx = make_context(backend=tiny, identity=ident, store_dir=tmp_path / "store")
+    db = DreamBooth(max_train_steps=3, learning_rate=1e-3, num_class_images=2, class_inference_steps=2,
+                    num_images_per_prompt=3, num_inference_steps=2, generation_batch_size=2)
+    db.train(ident.set_B, ctx, Defense(), tmp_path / "model")
+    assert (tmp_path / "model" / "unet").is_dir() and ctx.info["steps"] == 3
+    from safetensors.torch import load_file
+
+    trained = load_file(next((tmp_path / "model" / "unet").glob("*.safetensors")))
+    base = tiny.load(torch.device("cpu"), torch.float32).unet.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)
+    images = db.generate(tmp_path / "model", ctx, Defense())
+    assert list(images) == ctx.prompts.eval and images[ctx.prompts.eval[0]].shape == (3, 3, 64, 64)
+    store_dirs = list((tmp_path / "store" / "class_images").glob("*/*/_done.json"))
+    assert len(store_dirs) == 1
