@@ -279,6 +279,16 @@ class Metric(Component):
 
     direction: ClassVar[Literal["higher", "lower"]] = "higher"
     reads: ClassVar[tuple[str, ...]] = ("generated",)
+    #: inputs read whatever the ``of`` parameter says (e.g. ``clean`` for full-reference metrics)
+    always_reads: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        of = getattr(self.params, "of", None)
+        if of in type(self).reads:
+            # a metric that scores one chosen image set depends only on that set: a BRISQUE of
+            # the protected images must not wait for (or be invalidated by) fine-tuning
+            self.reads = tuple(r for r in type(self).reads if r == of or r in self.always_reads)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
         raise NotImplementedError

@@ -9,3 +9,11 @@ def register_attacks(register):
              description="no protection: set_B as is")
     register("noise", "benchbase_plugins.attacks.baseline:UniformNoise", version="1",
              description="uniform random noise in [-eps, eps] (the baseline every attack must beat)")
+    register("advdm", "benchbase_plugins.attacks.advdm:AdvDM", version="1",
+             description="AdvDM(+/-): PGD on the frozen model's denoising loss (Liang et al. ICML'23), eps 16")
+    register("mist", "benchbase_plugins.attacks.mist:Mist", version="1",
+             description="Mist semantic/textural/fused (rate 1e4) on the frozen model, bundled target texture, eps 16")
+    register("photoguard", "benchbase_plugins.attacks.photoguard:PhotoGuard", version="1",
+             description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion'")
+    register("sds", "benchbase_plugins.attacks.sds:SDS", version="1",
+             description="SDS(+/-) and SDST: score-distillation protection, UNet without grad (Xue et al. ICLR'24), eps 16")

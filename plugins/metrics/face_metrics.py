@@ -80,6 +80,7 @@ class IdentityScoreMatching(Metric):
 
     direction: ClassVar[str] = "lower"
     reads: ClassVar[tuple[str, ...]] = ("generated", "references", "clean", "set_A")
+    always_reads: ClassVar[tuple[str, ...]] = ("references", "clean", "set_A")
 
     class Params(Params):
         detector: Literal["mtcnn", "retinaface"] = "mtcnn"

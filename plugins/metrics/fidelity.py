@@ -25,6 +25,7 @@ class _Fidelity(Metric):
     """Base of the full-reference metrics: ``of`` against the clean set_B."""
 
     reads: ClassVar[tuple[str, ...]] = ("clean", "protected", "purified")
+    always_reads: ClassVar[tuple[str, ...]] = ("clean",)
 
     class Params(Params):
         of: Literal["protected", "purified"] = "protected"

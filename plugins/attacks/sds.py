@@ -1,0 +1,109 @@
+"""SDS(+), SDS(−) and SDST(−): score-distillation protection (Diff-Protect, algorithms.md §1.7)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from benchbase_plugins.attacks._frozen import (
+    chunks,
+    load_target,
+    target_latent,
+    textural_loss,
+    threat_view,
+)
+from benchbase_plugins.attacks._pgd import project, random_start
+
+from benchbase.components import Attack, Context
+
+
+class SDS(Attack):
+    """SDS protection (Xue et al., "Toward Effective Protection Against Diffusion Based Mimicry
+    through Score Distillation", ICLR'24; xavihart/Diff-Protect ``code/attacks.py::pgd_sds``).
+
+    The gradient of the denoising loss with the UNet Jacobian dropped, as in score
+    distillation: ``g_x = (∂z/∂x)ᵀ (ε̂ − ε)``, where ``ε̂ = ε_θ(z_t, t, c)`` runs under
+    ``no_grad`` and only the VAE encoder is differentiated. One UNet forward and no UNet
+    backward per step, which is what makes it cheap. Update ``x ← Π(x + g·α·sign(g_x))``
+    with ``g = +1`` for SDS(+) and ``g = −1`` for SDS(−) (the default and the paper's
+    recommendation). ``target = True`` is SDST: the step is
+    ``α·sign(g·rate·g_x − ∇‖z(x) − z(target)‖²_sum)`` with ``rate = 5``.
+
+    Defaults (``configs/attack/base.yaml``): ε 16 levels, α 1 level, 100 steps, no random
+    start, constant step, prompt "a photo", SD1.4-style posterior sample.
+    """
+
+    class Params(Attack.Params):
+        eps: float = 16.0
+        step_size: float = 1.0
+        steps: int = 100
+        sign: Literal["+", "-"] = "-"
+        prompt: str = "a photo"
+        target: bool = False  # SDST (using_target)
+        target_rate: float = 5.0  # weight of the SDS term against the textural term in SDST
+        target_image: str | None = None  # None: the bundled pattern (docs/attacks-frozen.md)
+        random_start: bool = False
+        # The released pgd_sds backpropagates through the same posterior sample it noised; an
+        # earlier variant (commented out there) re-encoded the image for the backward pass.
+        resample_for_backward: bool = False
+        batch_size: int | None = None
+
+    supports_adaptive: ClassVar[bool] = True
+
+    def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        p = self.params
+        models = ctx.models()
+        with torch.no_grad():
+            cond = models.encode_prompt([p.prompt])
+        view = threat_view(ctx) or (lambda x: x)
+        target = load_target(p.target_image, images.shape[-1]).to(ctx.device) if p.target else None
+        g_dir = 1.0 if p.sign == "+" else -1.0
+        eps, alpha = p.eps / 255.0, p.step_size / 255.0
+
+        out = []
+        norms = []
+        for part in chunks(len(images), p.batch_size):
+            x0 = images[part].to(ctx.device)
+            x = x0.clone()
+            if p.random_start:
+                x = random_start(x0, eps, ctx.generator)
+            for _ in ctx.progress(range(p.steps), desc="sds", leave=False):
+                g_x, norm = self._sds_grad(models, view, x, cond, ctx.generator, p.resample_for_backward)
+                norms.append(norm)
+                direction = g_dir * g_x
+                if target is not None:
+                    xt = x.detach().requires_grad_(True)
+                    z_tgt = target_latent(models, target, ctx.generator)
+                    g_tex = torch.autograd.grad(textural_loss(models, view(xt), z_tgt, ctx.generator), xt)[0]
+                    direction = direction * p.target_rate - g_tex
+                x = project(x.detach() + alpha * direction.sign(), x0, eps)
+            out.append(x.detach())
+        ctx.info.update(objective=f"SDS{'T' if p.target else ''}({p.sign})", prompt=p.prompt,
+                        adaptive=ctx.threat is not None and bool(ctx.threat.purifiers),
+                        residual_norm_first=norms[0] if norms else None,
+                        residual_norm_last=norms[-1] if norms else None)
+        return torch.cat(out)
+
+    @staticmethod
+    def _sds_grad(models, view, x, cond, generator, resample: bool) -> tuple[torch.Tensor, float]:
+        """(∂z/∂x)ᵀ(ε̂ − ε) for one random t per image; the UNet runs without grad."""
+        x = x.detach().requires_grad_(True)
+        z = models.encode_images(view(x), sample=True, generator=generator)
+        n = len(z)
+        with torch.no_grad():
+            zd = z.detach()
+            noise = torch.randn(zd.shape, generator=generator, dtype=torch.float32).to(zd.device, zd.dtype)
+            t = models.sample_timesteps(n, generator)
+            z_t = models.noise_scheduler.add_noise(zd, noise, t)
+            unet = models.unet
+            pred = unet(z_t.to(unet.dtype), t, cond.expand(n, -1, -1).to(unet.dtype)).sample
+            # v-prediction models: the residual against the v target (Diff-Protect is ε-only)
+            if models.prediction_type == "v_prediction":
+                target = models.noise_scheduler.get_velocity(zd, noise, t)
+            else:
+                target = noise
+            residual = (pred.float() - target.float()).to(z.dtype)
+        if resample:
+            z = models.encode_images(view(x), sample=True, generator=generator)
+        (g_x,) = torch.autograd.grad(z, x, grad_outputs=residual)
+        return g_x, float(residual.float().norm())
