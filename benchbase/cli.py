@@ -33,6 +33,7 @@ def main():
     benchbase run                  run the built-in smoke suite (offline, CPU, minutes)
     benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
+    benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
     benchbase ls attacks           list component names of a family
     """
 
@@ -163,6 +164,25 @@ def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
     if not quiet:
         click.echo(text)
     click.echo(f"written: {md}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: RUN_DIR/report).")
+@click.option("--store", type=click.Path(path_type=Path), help="The artifact store the run used (default: RUN_DIR/store).")
+@click.option("--thumb-size", default=128, show_default=True, type=click.IntRange(16, 1024), help="Thumbnail side in px.")
+@click.option("--max-samples", default=8, show_default=True, type=click.IntRange(1), help="Generated images shown per prompt.")
+@click.option("--serve", "serve_", is_flag=True, help="Then serve it on http://127.0.0.1:PORT until Ctrl-C.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port for --serve (0: any free one).")
+def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: int, max_samples: int,
+               serve_: bool, port: int):
+    """Write a static HTML report of a run (tables, image grids, plots) that opens from disk."""
+    from benchbase import report
+
+    index = report.write(run_dir, out, store=store, thumb_size=thumb_size, max_samples=max_samples)
+    click.echo(f"report: {index}")
+    if serve_:
+        report.serve(index, run_dir, port=port, store=store, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class StageFailed(Exception):
     """An upstream stage of this cell failed (the message names the stage and the error)."""
 
 
+def image_names(data: IdentityData) -> list[str]:
+    """PNG names of set_B: an index prefix keeps load order equal to dataset order (files are
+    read back sorted), the original stem keeps them recognisable."""
+    stems = data.files.get("set_B") or [""] * len(data.set_B)
+    return [f"{i:03d}_{Path(stem).stem}".rstrip("_") for i, stem in enumerate(stems)]
+
+
 def derive_seed(seed: int, *parts: Any) -> int:
     """A per-stage seed from the cell seed, so stages draw independent, reproducible streams."""
     return int(hash_key("seed", {"seed": seed, "parts": [str(p) for p in parts]})[:12], 16) % (2**63)
@@ -155,7 +162,7 @@ class Runner:
         for spec in suite.attacks:
             if spec.adaptive and not getattr(self.component(spec), "supports_adaptive", False):
                 raise ConfigError(f"attack {spec.label!r} is marked adaptive but does not support it")
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, tuple[str, BaseException | None]] = {}
         self.records: list[dict] = []
 
     # -- components ------------------------------------------------------------------------
@@ -194,12 +201,13 @@ class Runner:
 
     # -- evaluation ------------------------------------------------------------------------
     def ensure(self, node: Node) -> Path:
-        if node.key in self._failed:
-            raise StageFailed(self._failed[node.key])
+        if node.key in self._failed:  # failed earlier in this run: fail the same way, cause included
+            msg, cause = self._failed[node.key]
+            raise StageFailed(msg) from cause
         try:
             return self.store.compute(node.stage, node.key, node.parts, node.compute)
         except StageFailed as exc:
-            self._failed[node.key] = str(exc)
+            self._failed[node.key] = (str(exc), exc.__cause__)
             raise
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -210,7 +218,7 @@ class Runner:
                 (self.run_dir / "errors").mkdir(parents=True, exist_ok=True)
                 (self.run_dir / "errors" / f"{node.stage}-{node.key}.txt").write_text(tb)
                 msg += f" (traceback in errors/{node.stage}-{node.key}.txt)"
-            self._failed[node.key] = msg
+            self._failed[node.key] = (msg, exc)
             raise StageFailed(msg) from exc
 
     def _threat(self, cell: Cell) -> Threat | None:
@@ -239,7 +247,7 @@ class Runner:
             linf = linf_levels(protected, clean)
             if linf > eps + 1e-6:  # cannot happen after the clip; a guard against a quantiser bug
                 raise RuntimeError(f"budget violated after quantisation: {linf} > {eps} levels")
-            save_pngs(protected, folder / "images", ident.data.files.get("set_B"))
+            save_pngs(protected, folder / "images", image_names(ident.data))
             return {"eps_levels": eps, "linf_levels": linf, "l2_levels": l2_levels(protected, clean), **ctx.info}
 
         return Node("protect", parts, compute)
@@ -260,7 +268,7 @@ class Runner:
                     raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
                 images = quantize(images)  # each stage's output is what a file would hold
                 info[spec.label] = ctx.info
-            save_pngs(images, folder / "images", ident.data.files.get("set_B"))
+            save_pngs(images, folder / "images", image_names(ident.data))
             return {"purifiers": info}
 
         return Node("purify", parts, compute)
@@ -357,8 +365,15 @@ class Runner:
         rec.update(fields)
         return rec
 
+    def stage_keys(self, ident: Identity, cell: Cell) -> dict[str, str]:
+        """The keys of a cell's stages (hashing only: nothing is computed)."""
+        return {"protect": self.protect_node(ident, cell).key, "purify": self.purify_node(ident, cell).key,
+                "personalize": self.personalize_node(ident, cell).key,
+                "generate": self.generate_node(ident, cell).key}
+
     def score_cell(self, ident: Identity, cell: Cell) -> list[dict]:
         records = []
+        stages = self.stage_keys(ident, cell)
         for spec in self.suite.metrics:
             try:
                 node = self.score_node(ident, cell, spec)
@@ -369,17 +384,19 @@ class Runner:
                     # nothing could be scored (e.g. no face found): a documented empty result,
                     # left out of averages, never a zero
                     records.append(self._record(cell, spec, "empty", count=value["count"], details=details,
-                                                error=details.get("reason", "no value"), key=node.key))
+                                                error=details.get("reason", "no value"), key=node.key,
+                                                stages=stages))
                     continue
                 per_prompt = {k: (None if v is None or math.isnan(v) else v) for k, v in value["per_prompt"].items()}
                 records.append(self._record(cell, spec, "ok", value=value["value"], per_prompt=per_prompt,
-                                            count=value["count"], details=details, key=node.key))
+                                            count=value["count"], details=details, key=node.key,
+                                            stages=stages))
             except StageFailed as exc:
                 cause = exc.__cause__
                 if isinstance(cause, WeightsUnavailableError) and str(exc).startswith("score failed"):
-                    records.append(self._record(cell, spec, "unavailable", error=str(cause)))
+                    records.append(self._record(cell, spec, "unavailable", error=str(cause), stages=stages))
                 else:
-                    records.append(self._record(cell, spec, "failed", error=str(exc)))
+                    records.append(self._record(cell, spec, "failed", error=str(exc), stages=stages))
         return records
 
     def write_run_json(self, status: str, started: float, extra: dict | None = None) -> None:
@@ -389,7 +406,7 @@ class Runner:
             "backend": {"fingerprint": self.backend.fingerprint(), "description": self.backend.describe()},
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
-            "seeds": self.suite.seeds, "platform": platform.platform(), "python": platform.python_version(),
+            "seeds": self.suite.seeds, "store": str(self.store.root.resolve()), "platform": platform.platform(), "python": platform.python_version(),
             "packages": package_versions(), "plugins": self.plugin_versions(), "n_cells": self.suite.n_cells,
         }
         info.update(extra or {})

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -21,6 +22,24 @@ from typing import Any, Callable
 DONE = "_done.json"
 RESULTS = "results.jsonl"  # one record per (cell, metric), in the run folder
 RUN_JSON = "run.json"  # suite, hashes, versions, device, seeds, status
+
+
+def _cuda_in_use():
+    """torch.cuda when torch is already imported and CUDA is initialised, else None."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda
+    return None
+
+
+def _peak_rss_mb() -> float | None:
+    """Process-wide peak resident memory so far (a high-water mark, not this stage alone)."""
+    try:
+        import resource
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except (ImportError, OSError):  # pragma: no cover - not on every platform
+        return None
 
 
 def canonical(obj: Any) -> str:
@@ -74,10 +93,17 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}-"))
         try:
+            cuda = _cuda_in_use()
+            if cuda:
+                cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             info = fn(tmp) or {}
+            # seconds include upstream stages computed on demand inside fn (see docs/report.md)
             meta = {"stage": stage, "key": key, "parts": parts, "info": info,
-                    "seconds": round(time.perf_counter() - start, 3), "finished": time.time()}
+                    "seconds": round(time.perf_counter() - start, 3), "finished": time.time(),
+                    "peak_rss_mb": _peak_rss_mb()}
+            if cuda:
+                meta["peak_cuda_memory_mb"] = round(cuda.max_memory_allocated() / 2**20, 1)
             (tmp / DONE).write_text(json.dumps(meta, indent=1, default=str))
             if final.exists():  # a leftover without _done.json (cannot happen with rename, but be safe)
                 shutil.rmtree(final)

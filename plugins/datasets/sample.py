@@ -24,7 +24,7 @@ from benchbase.components import Dataset, IdentityData, Params, Prompts
 from benchbase.errors import DataError
 from benchbase.images import pil_to_tensor, preprocess
 
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 1  # bump when the augmentation below changes
 SOURCES = {
     # name: (loader, face box (left, top, right, bottom) in source pixels)
     "astronaut": ("skimage", (130, 20, 330, 230)),
@@ -88,7 +88,7 @@ class SampleDataset(Dataset):
 
         images = [pil_to_tensor(_augment(img, box, rng, resolution)) for _ in range(3 * n)]
         sets = {name: torch.stack(images[i * n:(i + 1) * n]) for i, name in enumerate(("set_A", "set_B", "set_C"))}
-        files = {name: [f"{identity}_{name}_{k}" for k in range(n)] for name in sets}
+        files = {name: [f"{identity}_{name}_{k:03d}" for k in range(n)] for name in sets}
         return IdentityData(name=identity, files=files, **sets)
 
     def fingerprint(self, identity: str) -> str:
