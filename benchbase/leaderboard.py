@@ -108,7 +108,10 @@ def cells_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
 
 
 def _worst(candidates: pd.DataFrame, metric: str, direction: str, against: str) -> tuple[str, str]:
-    ok = candidates[candidates.get(f"{metric}|status") == "ok"] if f"{metric}|status" in candidates else candidates[:0]
+    status = candidates.get(f"{metric}|status")
+    if status is not None and len(candidates) and (status == "unavailable").all():
+        return "unavailable", ""
+    ok = candidates[status == "ok"] if status is not None else candidates[:0]
     if len(ok) < len(candidates) or not len(ok):
         return "incomplete", ""
     # worst for the protector: the lowest value of a higher-is-better metric, and vice versa
@@ -124,7 +127,13 @@ def attacks_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
         base = group[(group["purifier"] == "none") & (group["defense"] == "none")]
         for metric in _metric_names(table):
             arrow = ARROW.get(directions.get(metric), "")
-            row[f"{metric} {arrow} (no counter-measure)"] = _fmt(base.iloc[0], metric) if len(base) else "—"
+            if len(base) == 1:
+                row[f"{metric} {arrow} (no counter-measure)"] = _fmt(base.iloc[0], metric)
+            elif len(base) > 1:  # several personalizers: the worst of them, named
+                value, arg = _worst(base, metric, directions.get(metric, "higher"), "personalizer")
+                row[f"{metric} {arrow} (no counter-measure)"] = f"{value} ({arg})" if arg else value
+            else:
+                row[f"{metric} {arrow} (no counter-measure)"] = "—"
             value, arg = _worst(group, metric, directions.get(metric, "higher"), "purifier,defense,personalizer")
             row[f"{metric} {arrow} worst"] = value
             row[f"{metric} worst under"] = arg

@@ -113,12 +113,18 @@ def _auto_labels(specs: list[Spec]) -> None:
     """Label = name, unless the same name appears with other parameters: then name + a short
     hash of the parameters (give ``label`` in the suite for a readable one)."""
     variants: dict[str, set[str]] = {}
+    modes: dict[str, set[bool]] = {}
     for s in specs:
         variants.setdefault(s.name, set()).add(json.dumps(s.params, sort_keys=True))
+        modes.setdefault(s.name, set()).add(s.adaptive)
     for s in specs:
         if not s.label:
-            digest = hashlib.sha256(json.dumps(s.params, sort_keys=True).encode()).hexdigest()[:6]
-            s.label = s.name if len(variants[s.name]) == 1 else f"{s.name}-{digest}"
+            label = s.name
+            if len(variants[s.name]) > 1:
+                label += "-" + hashlib.sha256(json.dumps(s.params, sort_keys=True).encode()).hexdigest()[:6]
+            if s.adaptive and len(modes[s.name]) > 1:  # "aspl" beside an adaptive "aspl"
+                label += "-adaptive"
+            s.label = label
 
 
 def _check_unique(labels: list[str], family: str, source: str) -> None:

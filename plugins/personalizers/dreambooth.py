@@ -87,8 +87,8 @@ class DreamBooth(Personalizer):
 
     def _optimizer(self, params: list, device: torch.device):
         p = self.params
-        kwargs = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2), weight_decay=p.adam_weight_decay,
-                      eps=p.adam_epsilon)
+        kwargs = {"lr": p.learning_rate, "betas": (p.adam_beta1, p.adam_beta2),
+                  "weight_decay": p.adam_weight_decay, "eps": p.adam_epsilon}
         use_8bit = p.optimizer == "adamw8bit" or (p.optimizer == "auto" and device.type == "cuda")
         if use_8bit:
             try:
@@ -100,16 +100,44 @@ class DreamBooth(Personalizer):
                     raise
         return torch.optim.AdamW(params, **kwargs), "adamw"
 
+    # -- what trains and how it is stored: the hooks LoRA overrides ---------------------------
+    def setup_trainable(self, models: SDModels, ctx: Context) -> list[torch.nn.Parameter]:
+        """Full fine-tuning: every UNet weight (and the text encoder's when trained)."""
+        p = self.params
+        models.unet.requires_grad_(True)
+        trainable = list(models.unet.parameters())
+        if p.train_text_encoder:
+            models.text_encoder.requires_grad_(True)
+            trainable += list(models.text_encoder.parameters())
+        return trainable
+
+    def save_trained(self, models: SDModels, out_dir: Path) -> dict:
+        models.unet.save_pretrained(out_dir / "unet")
+        if self.params.train_text_encoder:
+            models.text_encoder.save_pretrained(out_dir / "text_encoder")
+        return {}
+
+    def load_victim(self, model_dir: Path, ctx: Context) -> SDModels:
+        """The base models with the fine-tuned weights from ``model_dir`` (fresh modules)."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        models = ctx.models()
+        models.unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=models.dtype).to(models.device)
+        if (model_dir / "text_encoder").is_dir():
+            models.text_encoder = CLIPTextModel.from_pretrained(
+                model_dir / "text_encoder", dtype=models.dtype).to(models.device)
+        return models.freeze()
+
+    # -- the shared DreamBooth loop ----------------------------------------------------------
     def train(self, images: torch.Tensor, ctx: Context, defense: Defense, out_dir: Path) -> None:
         p = self.params
         prompts = defense.training_prompts(ctx.prompts)
         models = ctx.models()
         unet, text_encoder = models.unet, models.text_encoder
-        unet.requires_grad_(True).train()
-        trainable = list(unet.parameters())
-        if p.train_text_encoder:
-            text_encoder.requires_grad_(True).train()
-            trainable += list(text_encoder.parameters())
+        trainable = self.setup_trainable(models, ctx)
+        unet.train()
+        text_encoder.train(p.train_text_encoder)
         if p.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if p.train_text_encoder:
@@ -117,15 +145,21 @@ class DreamBooth(Personalizer):
         optimizer, opt_name = self._optimizer(trainable, models.device)
         priors = None
         if p.with_prior_preservation:
-            priors = class_images(ctx, prompts.class_, p.num_class_images, p.class_inference_steps,
-                                  p.class_guidance_scale)
+            # the prior images are the base model's samples of the *undefended* class prompt
+            # (DiffShortcut generates them before adding its suffix); training uses the defended one
+            priors = class_images(ctx, ctx.prompts.class_, p.num_class_images, p.class_inference_steps,
+                                  p.class_guidance_scale).to(models.device)  # PNGs load on the CPU
         ids = models.tokenize([prompts.instance] + ([prompts.class_] if priors is not None else []))
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision)
         use_autocast = autocast_dtype is not None and models.device.type == "cuda"
+        fixed_cond = None
+        if not p.train_text_encoder:  # a frozen text encoder gives the same embedding every step
+            with torch.no_grad():
+                fixed_cond = text_encoder(ids)[0]
         gen = ctx.generator
         losses = []
-        for step in ctx.progress(range(p.max_train_steps), desc="dreambooth", leave=False):
-            batch = {"instance_images": images[step % len(images)][None],
+        for step in ctx.progress(range(p.max_train_steps), desc=self.name or "dreambooth", leave=False):
+            batch = {"instance_images": images[step % len(images)][None].to(models.device),
                      "instance_prompt": prompts.instance, "step": step}
             if priors is not None:
                 batch["class_images"] = priors[step % len(priors)][None]
@@ -134,9 +168,9 @@ class DreamBooth(Personalizer):
             pixels = batch["instance_images"] if priors is None else torch.cat(
                 [batch["instance_images"], batch["class_images"]])
             with torch.no_grad():
-                latents = models.encode_images(pixels, sample=True, generator=gen)
+                latents = models.encode_images(pixels.to(models.device), sample=True, generator=gen)
             with torch.autocast(models.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
-                cond = text_encoder(ids)[0]
+                cond = fixed_cond if fixed_cond is not None else text_encoder(ids)[0]
                 per_image = models.diffusion_loss(latents, cond, generator=gen, unet=unet, reduction="none")
             loss = per_image[0]
             if priors is not None:
@@ -149,29 +183,21 @@ class DreamBooth(Personalizer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-        unet.save_pretrained(out_dir / "unet")
-        if p.train_text_encoder:
-            text_encoder.save_pretrained(out_dir / "text_encoder")
-        ctx.info.update(optimizer=opt_name, steps=p.max_train_steps,
+        info = self.save_trained(models, out_dir)
+        (out_dir / "losses.json").write_text(json.dumps(losses))
+        ctx.info.update(optimizer=opt_name, steps=p.max_train_steps, **info,
                         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                         training_prompts={"instance": prompts.instance, "class": prompts.class_})
-        (out_dir / "losses.json").write_text(json.dumps(losses))
 
     def generate(self, model_dir: Path, ctx: Context, defense: Defense) -> dict[str, torch.Tensor]:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel
-
         p = self.params
-        models = ctx.models()
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=models.dtype).to(models.device)
-        text_encoder = None
-        if (model_dir / "text_encoder").is_dir():
-            text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=models.dtype).to(models.device)
-        pipe = models.pipeline(unet=unet.eval(), text_encoder=text_encoder.eval() if text_encoder else None)
+        models = self.load_victim(Path(model_dir), ctx)
+        pipe = models.pipeline()
         negative = defense.negative_prompt(ctx.prompts.negative)
         out, used = {}, {}
         for i, prompt in enumerate(ctx.prompts.eval):
             used[prompt] = defense.generation_prompt(prompt)
+            # image j of prompt i gets the same seed under every victim, so cells compare draw by draw
             out[prompt] = generate_images(models, used[prompt], p.num_images_per_prompt, p.num_inference_steps,
                                           p.guidance_scale, seed=ctx.seed * 100_000 + i * 1000,
                                           negative_prompt=negative, batch_size=p.generation_batch_size,
