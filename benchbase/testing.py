@@ -39,3 +39,57 @@ def make_context(
         prompts=prompts or Prompts(), shared=SharedStages(store.shared_stage),
         workdir=store.root / "work",
     )
+
+
+_DENOISER_STATES: dict[tuple, dict] = {}
+
+
+class PretrainedTiny:
+    """The tiny backend with its UNet briefly trained as a denoiser on the sample portraits.
+
+    A random-weight UNet's prediction hardly depends on its input, so a denoising loss moves
+    by less than its own sampling noise and attack-vs-noise checks are coin flips. A few
+    dozen steps of denoising training give the UNet the input dependence the methods rely
+    on, while staying tiny. The trained state is kept in memory, once per process.
+    """
+
+    def __init__(self, steps: int = 60, prompt: str = "a photo of sks person", **tiny_params):
+        self._base = tiny_backend(**tiny_params)
+        self._steps, self._prompt = steps, prompt
+        self.name, self.version, self.params = "tiny-denoiser", "test", self._base.params
+
+    def fingerprint(self) -> str:
+        return f"{self._base.fingerprint()}-denoiser{self._steps}"
+
+    def describe(self) -> str:
+        return f"{self._base.describe()}, UNet denoising-pretrained for {self._steps} steps (tests)"
+
+    @property
+    def resolution(self) -> int:
+        return self._base.resolution
+
+    def _state(self) -> dict:
+        key = (self._base.fingerprint(), self._steps, self._prompt)
+        if key not in _DENOISER_STATES:
+            models = self._base.load(torch.device("cpu"), torch.float32)
+            images = torch.cat([sample_identity("astronaut", self.resolution).set_A,
+                                sample_identity("hopper", self.resolution).set_A])
+            gen = torch.Generator().manual_seed(0)
+            unet = models.unet.requires_grad_(True).train()
+            opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
+            with torch.no_grad():
+                cond = models.encode_prompt([self._prompt] * len(images))
+            for _ in range(self._steps):
+                with torch.no_grad():
+                    z = models.encode_images(images, sample=True, generator=gen)
+                loss = models.diffusion_loss(z, cond, generator=gen)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            _DENOISER_STATES[key] = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        return _DENOISER_STATES[key]
+
+    def load(self, device, dtype):
+        models = self._base.load(device, dtype)
+        models.unet.load_state_dict(self._state())
+        return models.freeze()

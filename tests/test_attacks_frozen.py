@@ -20,54 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-from benchbase.components import Backend, Purifier, Threat
+from benchbase.components import Purifier, Threat
 from benchbase.errors import ConfigError
 from benchbase.images import linf_levels, load_pngs, quantize_to_budget, save_pngs
-from benchbase.testing import make_context, sample_identity
+from benchbase.testing import PretrainedTiny, make_context, sample_identity
 
 STEPS = {"steps": 6, "step_size": 2.0}  # shrunk: 6 steps of 2 levels cover the 16-level ball's core
 TIMESTEPS = (50, 250, 500, 750, 950)
 DRAWS = 3
 
 
-class _Denoiser(Backend):
-    """The tiny backend with a UNet state trained for a few steps (kept in memory)."""
-
-    def __init__(self, base: Backend, state: dict):
-        super().__init__()
-        self._base, self._state = base, state
-
-    def fingerprint(self) -> str:
-        return self._base.fingerprint() + "-denoiser"
-
-    @property
-    def resolution(self) -> int:
-        return self._base.resolution
-
-    def load(self, device, dtype):
-        models = self._base.load(device, dtype)
-        models.unet.load_state_dict(self._state)
-        return models
-
-
 @pytest.fixture(scope="module")
-def env(tiny, tmp_path_factory):
-    models = tiny.load(torch.device("cpu"), torch.float32)
-    train = torch.cat([sample_identity("astronaut", 64).set_A, sample_identity("hopper", 64).set_A])
-    gen = torch.Generator().manual_seed(0)
-    unet = models.unet.requires_grad_(True).train()
-    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=0.0)
-    with torch.no_grad():
-        cond = models.encode_prompt(["a photo"] * len(train))
-    for _ in range(60):
-        with torch.no_grad():
-            z = models.encode_images(train, sample=True, generator=gen)
-        loss = models.diffusion_loss(z, cond, generator=gen)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    state = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    backend = _Denoiser(tiny, state)
+def env(tmp_path_factory):
+    backend = PretrainedTiny(prompt="a photo")  # the frozen attacks' prompt (Diff-Protect)
     identity = sample_identity("astronaut", 64)
     return {"backend": backend, "identity": identity, "clean": identity.set_B, "models": backend.load(
         torch.device("cpu"), torch.float32), "tmp": tmp_path_factory.mktemp("frozen"), "runs": {}}

@@ -17,3 +17,13 @@ def register_attacks(register):
              description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion'")
     register("sds", "benchbase_plugins.attacks.sds:SDS", version="1",
              description="SDS(+/-) and SDST: score-distillation protection, UNet without grad (Xue et al. ICLR'24), eps 16")
+    register("aspl", "benchbase_plugins.attacks.aspl:ASPL", version="1",
+             description="Anti-DreamBooth ASPL: alternating DreamBooth surrogate training + PGD (target_image: T-ASPL, ensemble: E-ASPL)")
+    register("fsmg", "benchbase_plugins.attacks.fsmg:FSMG", version="1",
+             description="Anti-DreamBooth FSMG: 100 PGD steps against a DreamBooth surrogate trained once on clean set_A (shared stage)")
+    register("simac", "benchbase_plugins.attacks.simac:SimAC", version="1",
+             description="SimAC: ASPL + greedy adaptive timestep selection (feature_loss='gradient' for the paper objective)")
+    register("metacloak", "benchbase_plugins.attacks.metacloak:MetaCloak", version="1",
+             description="MetaCloak: model pool + meta loop + EOT (Gaussian blur k7 + horizontal flip), 11 levels")
+    register("caat", "benchbase_plugins.attacks.caat:CAAT", version="1",
+             description="CAAT: joint image ascent and cross-attention K/V training (lr 1e-5, 250 steps)")

@@ -1,0 +1,402 @@
+"""The surrogate-training helper shared by the attacks that fine-tune a model while they
+perturb (ASPL, FSMG, SimAC, MetaCloak, CAAT): DreamBooth steps with prior preservation,
+optional text-encoder training, optimizer reset-or-keep, and save/restore of the trainable
+state (a state dict of the trainable tensors, never a deep copy of the modules).
+
+All images are [0, 1] at the boundary; every random draw uses the generator handed in (the
+cell's ``ctx.generator``, or a generator seeded from a shared stage's key so that a cache hit
+and a cache miss leave the cell's random stream identical).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from benchbase.components import Attack, Context, Prompts
+from benchbase.images import load_image, to_uint8
+from benchbase.models.sd import SDModels
+
+# ---------------------------------------------------------------------------------------
+# Parameters every surrogate-training attack shares (official Anti-DreamBooth values)
+# ---------------------------------------------------------------------------------------
+
+
+class SurrogateParams(Attack.Params):
+    """DreamBooth surrogate recipe of Anti-DreamBooth's ``train_one_epoch`` (algorithms.md §1.2)
+    plus the memory options of this suite."""
+
+    learning_rate: float = 5e-7
+    train_text_encoder: bool = True
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = Field(200, ge=1)
+    class_inference_steps: int = Field(50, ge=1)  # the base model's default sampler call
+    class_guidance_scale: float = 7.5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    #: the released ASPL loop writes clip_grad_norm_(…, 1.0) on a consumed iterator, i.e. no clipping
+    max_grad_norm: float | None = None
+    # --- memory / speed options (none changes the algorithm) ---
+    #: "context": the run's dtype (fp32 on CPU). "bf16": pure bf16 weights, as the official loops.
+    precision: Literal["context", "fp32", "bf16"] = "context"
+    gradient_checkpointing: bool = False
+    #: encode the class images' VAE posterior once and draw a fresh sample each step (same
+    #: distribution as encoding every step, one VAE forward less per step)
+    cache_class_latents: bool = True
+    #: keep the saved surrogate state (θ while θ' trains) on the CPU instead of the device
+    offload_state: bool = False
+    #: 0 = full fine-tuning (official); r > 0 = LoRA of rank r on the UNet attention projections
+    #: (Anti-DB ``aspl_lora.py`` uses 4), for cards below 40 GB
+    lora_rank: int = Field(0, ge=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+
+
+def load_models(ctx: Context, precision: str = "context", backend=None) -> SDModels:
+    """A fresh model bundle in the requested precision (frozen; the Surrogate unfreezes)."""
+    models = (backend.load(ctx.device, ctx.dtype) if backend is not None else ctx.models())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
+    if dtype is not None and dtype != models.dtype:
+        for module in (models.unet, models.vae, models.text_encoder):
+            module.to(dtype)
+        models.dtype = dtype
+    return models
+
+
+class LoRALinear(torch.nn.Module):
+    """y = W x + (α/r)·B A x with A ~ Kaiming, B = 0 (so the wrapped layer starts unchanged)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float | None = None):
+        super().__init__()
+        self.base = base
+        self.scale = (alpha or rank) / rank
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device,
+                                    dtype=base.weight.dtype)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device,
+                                  dtype=base.weight.dtype)
+        torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(x)) * self.scale
+
+
+def add_lora(unet: torch.nn.Module, rank: int, generator: torch.Generator | None = None) -> None:
+    """Wrap every attention q/k/v/out projection of the UNet with a rank-``rank`` LoRA."""
+    targets = []
+    for name, module in unet.named_modules():
+        for child in ("to_q", "to_k", "to_v"):
+            if isinstance(getattr(module, child, None), torch.nn.Linear):
+                targets.append((module, child))
+        to_out = getattr(module, "to_out", None)
+        if isinstance(to_out, torch.nn.ModuleList) and isinstance(to_out[0], torch.nn.Linear):
+            targets.append((to_out, "0"))
+    fork = torch.random.fork_rng(devices=[]) if generator is not None else None
+    with fork or _nullcontext():
+        if generator is not None:  # LoRA init is part of the attack's randomness: seed it
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        for parent, child in targets:
+            base = getattr(parent, child) if child != "0" else parent[0]
+            lora = LoRALinear(base, rank)
+            if child == "0":
+                parent[0] = lora
+            else:
+                setattr(parent, child, lora)
+
+
+@contextmanager
+def _nullcontext():
+    yield
+
+
+class Surrogate:
+    """A trainable view of an ``SDModels`` bundle.
+
+    ``trainable``: ``"full"`` (UNet, + text encoder when ``train_text_encoder``), ``"lora"``
+    (LoRA adapters on the UNet attention, + text encoder when asked), or ``"crossattn_kv"``
+    (only the cross-attention key/value projections, CAAT / Custom Diffusion).
+    """
+
+    def __init__(self, models: SDModels, trainable: Literal["full", "lora", "crossattn_kv"] = "full",
+                 train_text_encoder: bool = True, lora_rank: int = 4, gradient_checkpointing: bool = False,
+                 generator: torch.Generator | None = None):
+        self.models = models
+        self.unet, self.text_encoder = models.unet, models.text_encoder
+        self.train_text_encoder = train_text_encoder and trainable != "crossattn_kv"
+        if trainable == "lora":
+            add_lora(self.unet, lora_rank, generator)
+        self.named = self._select(trainable)
+        self.params = [p for _, p in self.named]
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.set_trainable(True)
+
+    def _select(self, trainable: str) -> list[tuple[str, torch.nn.Parameter]]:
+        named = []
+        lora_names = {f"{m}.{part}.weight" for m, mod in self.unet.named_modules()
+                      if isinstance(mod, LoRALinear) for part in ("down", "up")}
+        for name, p in self.unet.named_parameters():
+            if trainable == "full":
+                keep = True
+            elif trainable == "lora":
+                keep = name in lora_names
+            else:  # crossattn_kv: attn2 is the cross-attention of every diffusers transformer block
+                keep = ".attn2.to_k." in name or ".attn2.to_v." in name
+            if keep:
+                named.append((f"unet.{name}", p))
+        if self.train_text_encoder:
+            named += [(f"text_encoder.{n}", p) for n, p in self.text_encoder.named_parameters()]
+        if not named:
+            raise ValueError(f"surrogate: no trainable parameters for trainable={trainable!r}")
+        return named
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """A copy of the trainable tensors only (θ), for a later ``load_state``."""
+        return {n: p.detach().to(device or p.device, copy=True) for n, p in self.named}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(state[n])
+
+    def set_trainable(self, flag: bool) -> None:
+        """Freeze the surrogate for PGD (no weight-gradient buffers) or unfreeze it for training."""
+        for p in self.params:
+            p.requires_grad_(flag)
+
+    @contextmanager
+    def frozen(self):
+        self.set_trainable(False)
+        try:
+            yield self
+        finally:
+            self.set_trainable(True)
+
+    def optimizer(self, p: SurrogateParams | None = None, lr: float | None = None) -> torch.optim.Optimizer:
+        """A fresh AdamW over the trainable tensors (Anti-DB defaults)."""
+        kw = dict(lr=5e-7, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        if p is not None:
+            kw = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2),
+                      weight_decay=p.adam_weight_decay, eps=p.adam_epsilon)
+        if lr is not None:
+            kw["lr"] = lr
+        return torch.optim.AdamW(self.params, **kw)
+
+    # -- conditioning ----------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str], grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad and self.train_text_encoder):
+            return self.models.encode_prompt(prompts, self.text_encoder)
+
+    # -- DreamBooth training ------------------------------------------------------------------
+
+    def train_steps(
+        self,
+        images: torch.Tensor,
+        steps: int,
+        prompts: Prompts,
+        generator: torch.Generator,
+        optimizer: torch.optim.Optimizer | None = None,
+        p: SurrogateParams | None = None,
+        class_latents: ClassLatents | None = None,
+        batch_size: int = 1,
+        max_grad_norm: float | None = None,
+        prior_loss_weight: float = 1.0,
+        progress: Callable | None = None,
+        offset: int = 0,
+    ) -> list[float]:
+        """``steps`` DreamBooth steps on ``images`` (instance prompt) plus, when ``class_latents``
+        is given, the prior term on class images (class prompt): loss = MSE_inst + w·MSE_prior.
+
+        Step ``s`` takes instance images ``(s·b + j) mod N`` and class images ``(s·b + j) mod M``
+        with ``s`` restarting at 0 in every call, exactly as Anti-DB's ``train_one_epoch`` indexes
+        its dataset (so a 3-step call sees instance images 0, 1, 2 only). A fresh AdamW is made
+        when ``optimizer`` is None (ASPL/SimAC/MetaCloak reset it every call); pass one to keep
+        its state across calls. ``offset`` continues the data index of an earlier call (one long
+        run split into chunks, e.g. MetaCloak's model pool).
+        """
+        models = self.models
+        optimizer = optimizer or self.optimizer(p)
+        self.unet.train()
+        if self.train_text_encoder:
+            self.text_encoder.train()
+        n = len(images)
+        prior = class_latents is not None
+        prompt_list = [prompts.instance] * batch_size + ([prompts.class_] * batch_size if prior else [])
+        ids = models.tokenize(prompt_list)
+        losses = []
+        it: Iterable[int] = range(steps)
+        if progress is not None:
+            it = progress(it, desc="surrogate", leave=False)
+        for step in it:
+            idx = [((offset + step) * batch_size + j) for j in range(batch_size)]
+            inst = images[[i % n for i in idx]].to(models.device)
+            with torch.no_grad():
+                latents = models.encode_images(inst, sample=True, generator=generator)
+                if prior:
+                    latents = torch.cat([latents, class_latents.sample(idx, generator)])
+            with torch.set_grad_enabled(True):
+                cond = self.text_encoder(ids)[0] if self.train_text_encoder else self._frozen_cond(ids)
+                per_image = models.diffusion_loss(latents, cond, generator=generator, unet=self.unet,
+                                                  reduction="none")
+                loss = per_image[:batch_size].mean()
+                if prior:
+                    loss = loss + prior_loss_weight * per_image[batch_size:].mean()
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        self.unet.eval()
+        self.text_encoder.eval()
+        return losses
+
+    def _frozen_cond(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.text_encoder(ids)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Class images (prior preservation)
+# ---------------------------------------------------------------------------------------
+
+
+class ClassLatents:
+    """Class-image latents for the prior term: either the cached VAE posterior (mean, std)
+    with a fresh sample per use, or the images themselves encoded at every use."""
+
+    def __init__(self, models: SDModels, images: torch.Tensor, cache: bool = True):
+        self.models, self.images, self.cache = models, images, cache
+        self.mean = self.std = None
+        if cache:
+            with torch.no_grad():
+                parts = [models.vae.encode(images[i:i + 8].to(models.device, models.vae.dtype) * 2 - 1).latent_dist
+                         for i in range(0, len(images), 8)]
+            self.mean = torch.cat([d.mean for d in parts])
+            self.std = torch.cat([d.std for d in parts])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, idx: list[int], generator: torch.Generator) -> torch.Tensor:
+        sel = [i % len(self) for i in idx]
+        if not self.cache:
+            return self.models.encode_images(self.images[sel], sample=True, generator=generator)
+        mean, std = self.mean[sel], self.std[sel]
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+        return (mean + std * noise) * self.models.scaling_factor
+
+
+def class_latents(ctx: Context, models: SDModels, p: SurrogateParams, prompts: Prompts,
+                  needed: int | None = None) -> ClassLatents | None:
+    """The prior-preservation class images of the base model (the same shared stage the
+    DreamBooth victim uses, so they are generated once per model), as ``ClassLatents``.
+    ``needed`` trims to the images the loop can ever index (ASPL's 3-step calls use 3)."""
+    if not p.with_prior_preservation:
+        return None
+    from benchbase_plugins.personalizers.dreambooth import class_images
+
+    images = class_images(ctx, prompts.class_, p.num_class_images, p.class_inference_steps, p.class_guidance_scale)
+    if needed is not None:
+        images = images[: max(1, min(len(images), needed))]
+    return ClassLatents(models, images, cache=p.cache_class_latents)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------
+
+
+def denoise(models: SDModels, unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor,
+            generator: torch.Generator, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One noising + UNet prediction; returns pred, target (ε or v), noisy latents, t, noise."""
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    if timesteps is None:
+        timesteps = models.sample_timesteps(n, generator)
+    timesteps = timesteps.to(latents.device)
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample.float()
+    if models.prediction_type == "v_prediction":
+        target = models.noise_scheduler.get_velocity(latents, noise, timesteps).float()
+    else:
+        target = noise.float()
+    return {"pred": pred, "target": target, "noisy": noisy, "t": timesteps, "noise": noise}
+
+
+def ddpm_prev_sample(models: SDModels, out: dict, generator: torch.Generator) -> torch.Tensor:
+    """x_{t-1} of a DDPM step per image (what ``DDPMScheduler.step`` does, vectorised over t,
+    with gradient): posterior mean from the predicted x_0 plus σ_t·z for t > 0."""
+    sched = models.noise_scheduler
+    t = out["t"]
+    ac = sched.alphas_cumprod.to(out["noisy"].device, torch.float32)
+    a_t = ac[t].view(-1, 1, 1, 1)
+    a_prev = torch.where(t > 0, ac[(t - 1).clamp(min=0)], torch.ones_like(ac[t])).view(-1, 1, 1, 1)
+    beta_t = 1 - a_t / a_prev
+    z_t = out["noisy"].float()
+    if models.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * z_t - (1 - a_t).sqrt() * out["pred"]
+    else:
+        x0 = (z_t - (1 - a_t).sqrt() * out["pred"]) / a_t.sqrt()
+    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + ((1 - beta_t).sqrt() * (1 - a_prev) / (1 - a_t)) * z_t
+    var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
+    z = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
+    return mean + (t > 0).view(-1, 1, 1, 1).float() * var.sqrt() * z
+
+
+def target_latents(models: SDModels, path: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    """T-ASPL / T-FSMG target: the image resized to the run resolution, VAE posterior sample ×s."""
+    img = load_image(path, models.resolution)[None]
+    with torch.no_grad():
+        z = models.encode_images(img, sample=True, generator=generator)
+    return z.expand(n, -1, -1, -1).contiguous()
+
+
+def targeted_term(models: SDModels, out: dict, z_target: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MSE(DDPM step of the prediction, q(z_target, ε, t−1)): what T-ASPL subtracts from L_DM.
+    (t = 0 uses t−1 := 0; the released code indexes ᾱ[−1] there.)"""
+    prev = ddpm_prev_sample(models, out, generator)
+    t_prev = (out["t"] - 1).clamp(min=0)
+    goal = models.noise_scheduler.add_noise(z_target.float(), out["noise"].float(), t_prev)
+    return (prev - goal).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------
+# Adaptive attacks, bookkeeping
+# ---------------------------------------------------------------------------------------
+
+
+def threat_view(ctx: Context) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, Prompts]:
+    """(differentiable purifier chain or None, training prompts) of ``ctx.threat``."""
+    if ctx.threat is None:
+        return None, ctx.prompts
+    purify = (lambda x: ctx.threat.purify_differentiable(x, ctx)) if ctx.threat.purifiers else None
+    return purify, ctx.threat.training_prompts or ctx.prompts
+
+
+def images_digest(images: torch.Tensor) -> str:
+    """A hash of a batch's 8-bit bytes (part of shared-stage keys)."""
+    return hashlib.sha256(to_uint8(images).tobytes()).hexdigest()[:16]
+
+
+def seeded_generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (for shared stages, independent of the cell's stream)."""
+    seed = int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,275 @@
+"""The attacks that train a surrogate (ASPL, FSMG, SimAC, MetaCloak, CAAT) on the tiny backend.
+
+Step counts are shrunk (and α raised so the few steps can cover the ball); the science check
+is that each attack raises the surrogate denoising loss of the protected batch more than
+uniform noise at the same budget. The loss is averaged over fixed timesteps × noise draws
+with common random numbers for every batch compared. It is evaluated on the model the
+attack targets: FSMG's clean-trained surrogate (loaded from its shared stage); for the
+alternating attacks the base model — at lr 5e-7 (CAAT 1e-5) and a few steps their final
+surrogate stays within rounding of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchbase.images import (
+    linf_levels,
+    load_pngs,
+    quantize_to_budget,
+    save_pngs,
+    to_uint8,
+)
+from benchbase.testing import PretrainedTiny, make_context, sample_identity
+
+CLASS = dict(num_class_images=2, class_inference_steps=2)
+
+
+def _cases():
+    from benchbase_plugins.attacks.aspl import ASPL
+    from benchbase_plugins.attacks.caat import CAAT
+    from benchbase_plugins.attacks.fsmg import FSMG
+    from benchbase_plugins.attacks.metacloak import MetaCloak
+    from benchbase_plugins.attacks.simac import SimAC
+
+    return {
+        "aspl": lambda: ASPL(max_train_steps=3, max_f_train_steps=1, max_adv_train_steps=6, pgd_alpha=2.0, **CLASS),
+        "fsmg": lambda: FSMG(surrogate_train_steps=3, surrogate_batch_size=1, max_adv_train_steps=24, pgd_alpha=2.0,
+                             **CLASS),
+        "simac": lambda: SimAC(max_train_steps=3, max_f_train_steps=1, max_adv_train_steps=6, pgd_alpha=2.0,
+                               select_keep=960, select_samples=3, **CLASS),
+        "metacloak": lambda: MetaCloak(total_trial_num=1, pool_train_steps=2, pool_interval=2, advance_steps=1,
+                                       defense_pgd_step_num=5, pgd_alpha=3.0, **CLASS),
+        "caat": lambda: CAAT(max_train_steps=20, pgd_alpha=2.0),
+    }
+
+
+NAMES = ["aspl", "fsmg", "simac", "metacloak", "caat"]
+
+# smallest runs that still pass through every phase of each loop (for the same-seed check)
+QUICK = {
+    "aspl": dict(max_train_steps=1, max_f_train_steps=1, max_adv_train_steps=2),
+    "fsmg": dict(max_adv_train_steps=2),
+    "simac": dict(max_train_steps=1, max_f_train_steps=1, max_adv_train_steps=2),
+    "metacloak": dict(defense_pgd_step_num=2),
+    "caat": dict(max_train_steps=2),
+}
+
+
+@pytest.fixture(scope="module")
+def env(tiny, tmp_path_factory):
+    torch.manual_seed(0)
+    # a briefly denoising-trained tiny UNet: with random weights the loss barely depends on the pixels
+    return {"backend": PretrainedTiny(), "identity": sample_identity("astronaut", 64, images_per_set=2),
+            "store": tmp_path_factory.mktemp("store"), "runs": {}}
+
+
+def _ctx(env, seed=0):
+    return make_context(backend=env["backend"], identity=env["identity"], seed=seed, store_dir=env["store"])
+
+
+def _run(env, name):
+    """The attack's science configuration, run once with seed 0 (memoised): (attack, quantised output, ctx)."""
+    if name not in env["runs"]:
+        attack = _cases()[name]()
+        ctx = _ctx(env)
+        adv = attack.protect(env["identity"].set_B.clone(), ctx)
+        out = quantize_to_budget(adv, env["identity"].set_B, attack.eps, mode=attack.params.quantization)
+        env["runs"][name] = (attack, out, ctx)
+    return env["runs"][name]
+
+
+def _eval_loss(models, unet, cond, images, draws=8, timesteps=(50, 200, 400, 600, 800, 950), eot=False):
+    """Mean L_DM over fixed timesteps × noise draws; the same generator for every batch compared.
+    ``eot``: each draw first applies MetaCloak's blur+flip with a fixed per-draw seed."""
+    from benchbase_plugins.attacks.metacloak import BlurFlip
+
+    g = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for d in range(draws):
+            view = BlurFlip(torch.Generator().manual_seed(d))(images) if eot else images
+            z = models.encode_images(view, sample=True, generator=g)
+            for t in timesteps:
+                ts = torch.full((len(images),), t, dtype=torch.long)
+                total += float(models.diffusion_loss(z, cond[: len(images)], generator=g, timesteps=ts, unet=unet))
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_budget_holds_after_png_round_trip(env, name, tmp_path):
+    attack, out, _ = _run(env, name)
+    clean = env["identity"].set_B
+    save_pngs(out, tmp_path)
+    back = load_pngs(tmp_path)
+    dist = linf_levels(back, clean)
+    assert dist <= math.floor(attack.eps + 1e-6)
+    assert dist >= 1  # it did perturb
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_bytes(env, name):
+    outs = []
+    for _ in range(2):
+        attack = _cases()[name]()
+        for key, value in QUICK[name].items():
+            setattr(attack.params, key, value)
+        adv = attack.protect(env["identity"].set_B.clone(), _ctx(env))
+        outs.append(to_uint8(quantize_to_budget(adv, env["identity"].set_B, attack.eps)))
+    assert (outs[0] == outs[1]).all()
+
+
+# Evaluated on the briefly denoising-trained tiny UNet (PretrainedTiny): on purely random
+# weights the loss barely depends on the pixels and gains (~1e-4 on a loss of ~1) drown in
+# the sampling noise of the gradient.
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_raises_surrogate_loss_more_than_uniform_noise(env, name):
+    from benchbase_plugins.attacks.baseline import UniformNoise
+
+    attack, out, ctx = _run(env, name)
+    clean = env["identity"].set_B
+    noise_attack = UniformNoise(eps=attack.eps)
+    noisy = quantize_to_budget(noise_attack.protect(clean.clone(), _ctx(env, seed=0)), clean, attack.eps)
+    if name == "fsmg":
+        surrogate = attack.load_surrogate(ctx, ctx.prompts)  # the cached clean-trained θ*
+        models, unet = surrogate.models, surrogate.unet
+    else:
+        models = ctx.models()
+        unet = models.unet
+    prompt = f"a photo of a {ctx.prompts.class_noun}" if name == "caat" else ctx.prompts.instance
+    cond = models.encode_prompt([prompt] * len(clean))
+    eot = name == "metacloak"  # its objective is the loss after blur + flip
+    base = _eval_loss(models, unet, cond, clean, eot=eot)
+    gain_attack = _eval_loss(models, unet, cond, out, eot=eot) - base
+    gain_noise = _eval_loss(models, unet, cond, noisy, eot=eot) - base
+    assert gain_attack > gain_noise, (name, gain_attack, gain_noise)
+
+
+def test_fsmg_surrogate_is_a_shared_stage(env):
+    """A second cell with the same backend × set_A × recipe loads θ* instead of training again."""
+    attack, _, _ = _run(env, "fsmg")
+    ctx = _ctx(env, seed=5)
+    folder = attack.surrogate_folder(ctx, ctx.prompts)
+    stamp = (folder / "surrogate.safetensors").stat().st_mtime_ns
+    again = _cases()["fsmg"]().surrogate_folder(_ctx(env, seed=6), ctx.prompts)
+    assert again == folder and (again / "surrogate.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_surrogate_state_restore_and_optimizer_reset(env):
+    from benchbase_plugins.attacks._surrogate import Surrogate
+
+    ctx = _ctx(env)
+    s = Surrogate(ctx.models(), "full", train_text_encoder=True)
+    before = s.state()
+    images = env["identity"].set_A
+    s.train_steps(images, 2, ctx.prompts, ctx.generator, optimizer=s.optimizer(lr=1e-3))
+    changed = [n for n, p in s.named if not torch.equal(p, before[n])]
+    assert any(n.startswith("unet.") for n in changed) and any(n.startswith("text_encoder.") for n in changed)
+    s.load_state(before)
+    assert all(torch.equal(p, before[n]) for n, p in s.named)
+    # a kept optimizer carries Adam moments into the next call; a fresh one starts at zero
+    opt = s.optimizer(lr=1e-3)
+    s.train_steps(images, 1, ctx.prompts, ctx.generator, optimizer=opt)
+    assert all(int(opt.state[p]["step"]) == 1 for p in s.params if p in opt.state)
+    s.train_steps(images, 1, ctx.prompts, ctx.generator, optimizer=opt)
+    assert all(int(opt.state[p]["step"]) == 2 for p in s.params if p in opt.state)
+
+
+def test_caat_and_lora_train_only_their_tensors(env):
+    from benchbase_plugins.attacks._surrogate import Surrogate
+
+    ctx = _ctx(env)
+    kv = Surrogate(ctx.models(), "crossattn_kv")
+    assert kv.named and all(".attn2.to_k." in n or ".attn2.to_v." in n for n, _ in kv.named)
+    lora = Surrogate(ctx.models(), "lora", train_text_encoder=False, lora_rank=2, generator=torch.Generator().manual_seed(0))
+    names = [n for n, _ in lora.named]
+    assert names and all(n.endswith((".down.weight", ".up.weight")) for n in names)
+    before = {n: p.detach().clone() for n, p in lora.unet.named_parameters()}
+    lora.train_steps(env["identity"].set_A, 1, ctx.prompts, ctx.generator, optimizer=lora.optimizer(lr=1e-2))
+    moved = {n for n, p in lora.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= set(n.removeprefix("unet.") for n in names)
+
+
+def test_targeted_and_ensemble_aspl_run(env, tmp_path):
+    from benchbase_plugins.attacks.aspl import ASPL
+
+    target = tmp_path / "target.png"
+    save_pngs(torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64), tmp_path, ["target"])
+    small = dict(max_train_steps=1, max_f_train_steps=1, max_adv_train_steps=1, pgd_alpha=1.5, **CLASS)
+    ctx = _ctx(env)
+    out_t = ASPL(target_image=str(target), **small).protect(env["identity"].set_B.clone(), ctx)
+    assert ctx.info["targeted"] is True
+    out_plain = ASPL(**small).protect(env["identity"].set_B.clone(), _ctx(env))
+    assert not torch.equal(out_t, out_plain)
+    ctx = _ctx(env)
+    out_e = ASPL(ensemble=[{"name": "tiny", "seed": 1}], **small).protect(env["identity"].set_B.clone(), ctx)
+    assert ctx.info["surrogates"] == 2
+    assert linf_levels(out_e, env["identity"].set_B) <= 6.375 + 1e-4
+
+
+def test_simac_feature_loss_contributes_gradient(env):
+    from benchbase_plugins.attacks.simac import SimAC
+
+    ctx = _ctx(env)
+    attack = SimAC(feature_loss="gradient", **CLASS)
+    member = attack._member(ctx, ctx.backend, ctx.prompts, 2)
+    models = member.models
+    x0 = env["identity"].set_B
+    x = (x0 + 4 / 255 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).sign()).clamp(0, 1)
+    x = x.requires_grad_(True)
+    g = torch.Generator().manual_seed(3)
+    z = models.encode_images(x, sample=True, generator=g)
+    with torch.no_grad():
+        z_c = models.encode_images(x0, sample=True, generator=g)
+    noise = torch.randn(z.shape, generator=g)
+    t = torch.tensor([100, 500])
+    cond = member.surrogate.encode_prompts([ctx.prompts.instance] * 2)
+    _, feature = attack.feature_interference(member, z, z_c, noise, t, cond)
+    grad = torch.autograd.grad(feature, x)[0]
+    assert float(feature.detach()) > 0 and grad.abs().sum() > 0
+
+
+def test_simac_selection_shrinks_each_timestep_set(env):
+    _, _, ctx = _run(env, "simac")
+    kept = ctx.info["simac_timesteps_kept"]
+    assert len(kept) == 2 and all(k <= 960 for k in kept) and ctx.info["simac_selection_unfinished"] == 0
+
+
+def test_metacloak_pool_points_and_eot():
+    from benchbase_plugins.attacks.metacloak import BlurFlip, MetaCloak
+
+    assert MetaCloak()._save_points() == [0, 199, 399, 599, 799, 999]
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = BlurFlip(torch.Generator().manual_seed(0))(x)
+    assert y.shape == x.shape and not torch.allclose(x, y)
+    assert abs(float(y.mean()) - float(x.mean())) < 0.05  # a blur (and flip) keeps the mean
+
+
+def test_adaptive_attacks_see_the_threat(env):
+    """With ctx.threat, the loss is taken on the purifier's differentiable view and training uses
+    the threat's prompts."""
+    from benchbase_plugins.attacks.caat import CAAT
+
+    from benchbase.components import Prompts, Purifier, Threat
+
+    calls = []
+
+    class Halve(Purifier):
+        differentiable = True
+
+        def purify(self, images, ctx):
+            calls.append(images.requires_grad)
+            return images * 0.5 + 0.25
+
+    threat = Threat(purifiers=[Halve()], training_prompts=Prompts(class_noun="face"))
+    ctx = _ctx(env).with_(threat=threat)
+    out = CAAT(max_train_steps=2, pgd_alpha=2.0).protect(env["identity"].set_B.clone(), ctx)
+    assert calls and all(calls)  # the gradient flowed through the purifier view
+    assert ctx.info["adaptive"] is True and ctx.info["caat_prompt"] == "a photo of a face"
+    assert linf_levels(out, env["identity"].set_B) <= 6.375 + 1e-4
