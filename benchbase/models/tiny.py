@@ -130,14 +130,24 @@ def ensure_tiny_folder(preset: str = "tiny", seed: int = 0, resolution: int = 64
     """The diffusers folder of this tiny configuration, built and saved once (atomically)."""
     config = tiny_config(preset, seed, resolution, prediction_type)
     folder = (root or cache_root()) / "tiny" / f"{preset}-{fingerprint(config)}"
-    if (folder / "model_index.json").is_file():
+
+    def build(tmp: Path) -> None:
+        build_tiny_pipeline(preset, seed, resolution, prediction_type).save_pretrained(tmp)
+
+    return build_folder_once(folder, build, config)
+
+
+def build_folder_once(folder: Path, build, config: dict, marker: str = "benchbase_tiny.json") -> Path:
+    """Build a model folder once: ``build(tmp)`` fills a temporary folder that is renamed into
+    place with ``marker`` (the config) written last, so concurrent or killed builds never leave
+    a half folder. Deterministic builds make a lost race harmless."""
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
     try:
-        pipe = build_tiny_pipeline(preset, seed, resolution, prediction_type)
-        pipe.save_pretrained(tmp)
-        (tmp / "benchbase_tiny.json").write_text(json.dumps(config, indent=1))
+        build(tmp)
+        (tmp / marker).write_text(json.dumps(config, indent=1))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race: its folder is identical

@@ -25,29 +25,19 @@ from pathlib import Path
 
 import torch
 
-from benchbase.models.tiny import build_clip_tokenizer, cache_root
+from benchbase.models.tiny import build_clip_tokenizer, build_folder_once, cache_root
 
 TINY_PURIFIER_FORMAT = 1  # bump when a construction below changes (invalidates cached folders)
 
 
 def _ensure_folder(name: str, seed: int, build: Callable[[Path], None]) -> Path:
     folder = cache_root() / "tiny" / f"{name}-v{TINY_PURIFIER_FORMAT}-seed{seed}"
-    if (folder / "benchbase_tiny.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
-    try:
+
+    def seeded_build(tmp: Path) -> None:
         torch.manual_seed(seed)  # module constructors draw from the global generator
         build(tmp)
-        (tmp / "benchbase_tiny.json").write_text(json.dumps({"name": name, "seed": seed,
-                                                             "format": TINY_PURIFIER_FORMAT}))
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process won the race: its folder is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return build_folder_once(folder, seeded_build, {"name": name, "seed": seed, "format": TINY_PURIFIER_FORMAT})
 
 
 def _fork_rng():
