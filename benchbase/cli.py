@@ -11,7 +11,7 @@ import click
 
 from benchbase.errors import BenchbaseError
 
-KINDS = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "suites")
+KINDS = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "executors", "suites")
 
 
 class CLI(click.Group):
@@ -98,22 +98,38 @@ def _default_run_dir(name: str) -> Path:
 @click.option("--store", type=click.Path(path_type=Path), help="Artifact store to share between runs (default: RUN_DIR/store).")
 @click.option("--device", help="Override the suite's device (auto, cpu, cuda, cuda:1).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
-def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str | None, progress: bool | None):
+@click.option("--executor", "executor_name", default="local", show_default=True,
+              help="Where stages run: local (in-process) or ray (one Ray task per stage; see `benchbase ls executors`).")
+@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:10001); default: start a local Ray instance.")
+def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str | None, progress: bool | None,
+        executor_name: str, address: str | None):
     """Run SUITE (a TOML file or a built-in suite name; default: the smoke suite).
 
     Every stage is cached: running the same command again resumes an interrupted run and
-    recomputes nothing that finished.
+    recomputes nothing that finished (with any executor).
     """
+    from benchbase.errors import ConfigError
+    from benchbase.plugins import get_plugin_manager
     from benchbase.suite import load_suite
 
     spec = load_suite(suite)
     run_dir = run_dir or _default_run_dir(spec.name)
+    pm = get_plugin_manager()
+    params = {}
+    if address is not None:
+        if executor_name != "ray":
+            raise ConfigError("--address is an option of --executor ray")
+        params["address"] = address
+    executor = pm.create("executors", executor_name, params)
     from benchbase import leaderboard
     from benchbase.pipeline import Runner
 
-    click.echo(f"suite {spec.name} ({spec.source}, hash {spec.hash}): {spec.n_cells} cells per identity -> {run_dir}")
-    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device)
-    summary = runner.run()
+    click.echo(f"suite {spec.name} ({spec.source}, hash {spec.hash}): {spec.n_cells} cells per identity -> {run_dir}"
+               + (f" [executor {executor_name}]" if executor_name != "local" else ""))
+    # a distributed executor's driver only plans and assembles: the suite's device need not exist here
+    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device,
+                    driver=executor_name != "local")
+    summary = executor.run(runner)
     failed = summary.failed
     click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "
                f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed")

@@ -331,6 +331,20 @@ class Dataset(Component):
         return Prompts()
 
 
+class Executor(Component):
+    """Runs a suite's stage graph: ``local`` (in-process, the default) or on an engine such as Ray.
+
+    ``run(runner)`` returns the run's ``RunSummary``. An executor must keep the runner's
+    contract: every stage goes through the store (atomic, content-addressed), records are
+    assembled once per (cell, metric) by the driver, and rerunning resumes from the store.
+    The runner exposes the graph for this (``Runner.plan``, ``Runner.run_node``,
+    ``Runner.cell_records``; see docs/architecture.md).
+    """
+
+    def run(self, runner: Any) -> Any:
+        raise NotImplementedError
+
+
 FAMILY_BASES = {
     "attacks": Attack,
     "purifiers": Purifier,
@@ -339,4 +353,5 @@ FAMILY_BASES = {
     "metrics": Metric,
     "backends": Backend,
     "datasets": Dataset,
+    "executors": Executor,
 }

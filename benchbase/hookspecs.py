@@ -47,3 +47,8 @@ def register_backends(register):
 @hookspec
 def register_datasets(register):
     """Identity image sets with prompts, in the Anti-DreamBooth set_A/B/C layout (Dataset subclasses)."""
+
+
+@hookspec
+def register_executors(register):
+    """Where a suite's stage graph runs: in-process (``local``) or on a cluster (``ray``) (Executor subclasses)."""

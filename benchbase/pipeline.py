@@ -21,6 +21,8 @@ import platform
 import re
 import time
 import traceback
+from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from importlib import metadata
@@ -89,6 +91,23 @@ def _strict(obj: Any) -> Any:
     return obj
 
 
+@dataclass(frozen=True)
+class NodeAddress:
+    """Where a stage sits in the grid: all another process holding the same suite needs to
+    rebuild its ``Node`` (indices into the suite's lists; ``metric`` for scores only).
+    ``key`` is the key the planner computed: the rebuilt node must hash to it."""
+
+    stage: str
+    identity: str
+    seed: int
+    attack: int
+    purifier: int
+    defense: int
+    personalizer: int
+    metric: int | None = None
+    key: str = ""
+
+
 @dataclass
 class Node:
     """A stage output: computed once, then read from the store."""
@@ -97,6 +116,8 @@ class Node:
     parts: dict
     compute: Callable[[Path], dict | None]
     key: str = ""
+    ups: list[Node] = field(default_factory=list)  # the upstream nodes compute() reads, in order
+    address: NodeAddress | None = None
 
     def __post_init__(self):
         self.key = hash_key(self.stage, self.parts)
@@ -121,11 +142,52 @@ class Cell:
     purifiers: list[Spec]
     defense: Spec
     personalizer: Spec
+    at: tuple[int, int, int, int] = (0, 0, 0, 0)  # indices of attack, purifier chain, defense, personalizer
 
     def labels(self) -> dict:
         return {"identity": self.identity, "seed": self.seed, "attack": self.attack.label,
                 "purifier": "+".join(s.label for s in self.purifiers), "defense": self.defense.label,
                 "personalizer": self.personalizer.label}
+
+
+@dataclass
+class PlannedNode:
+    """A stage an executor must compute (it is not in the store yet)."""
+
+    address: NodeAddress
+    deps: list[str]  # keys of upstream stages to compute first, in the order compute() reads them
+    cells: list[int] = field(default_factory=list)  # indices of the cells waiting for it
+
+    @property
+    def stage(self) -> str:
+        return self.address.stage
+
+    @property
+    def key(self) -> str:
+        return self.address.key
+
+
+@dataclass
+class CellPlan:
+    index: int
+    cell: Cell
+    identity: Identity | None
+    error: str | None = None  # the dataset could not load the identity: every record fails
+    needs: set[str] = field(default_factory=set)  # keys of stages still to compute for its scores
+
+
+@dataclass
+class Plan:
+    """The part of a suite's stage graph that is not in the store yet.
+
+    ``nodes`` is in dependency order (every node after its ``deps``); keys dedupe shared work,
+    so one protection per identity x attack appears once however many purifiers use it.
+    ``cached`` counts the stages found complete while planning (nothing upstream of them is
+    visited, exactly like the local runner)."""
+
+    cells: list[CellPlan] = field(default_factory=list)
+    nodes: dict[str, PlannedNode] = field(default_factory=dict)
+    cached: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -145,13 +207,28 @@ class Runner:
     """Executes a suite's grid in-process, caching every stage in a Store."""
 
     def __init__(self, suite: Suite, run_dir: Path, manager: PluginManager | None = None,
-                 store_dir: Path | None = None, progress: bool | None = None, device: str | None = None):
+                 store_dir: Path | None = None, progress: bool | None = None, device: str | None = None,
+                 driver: bool = False):
+        """``driver=True``: this Runner only plans and assembles records for an executor that
+        computes the stages elsewhere (Ray workers): it never computes a stage itself, and the
+        requested device need not exist on this machine."""
         self.suite = suite
         self.run_dir = Path(run_dir)
         self.pm = manager or get_plugin_manager()
         self.store = Store(Path(store_dir) if store_dir else self.run_dir / "store")
         self.progress_enabled = progress
-        self.device = resolve_device(device or suite.device)
+        self.device_request = device or suite.device  # what workers resolve on their own machine
+        self.driver = driver
+        try:
+            self.device = resolve_device(self.device_request)
+        except ValueError:
+            if not driver:
+                raise
+            self.device = torch.device(self.device_request)  # only a label on the driver
+        # stage_lock(stage, key) -> context manager held while a stage is computed; executors whose
+        # workers share a store set one so a stage is computed once cluster-wide (default: none)
+        self.stage_lock: Callable[[str, str], Any] = lambda stage, key: nullcontext()
+        self._identities: dict[str, Identity] = {}
         self.dtype = resolve_dtype(suite.dtype)
         self.components: dict[int, Any] = {}
         self.backend = self._create(suite.backend)
@@ -195,17 +272,31 @@ class Runner:
             device=self.device, dtype=self.dtype, seed=seed,
             generator=torch.Generator().manual_seed(derive_seed(seed, *stage)),
             backend=self.backend, identity=identity.data if identity else None, prompts=self.prompts(),
-            shared=SharedStages(self.store.shared_stage), threat=threat, workdir=self.store.root / "work",
+            shared=SharedStages(self._shared_stage), threat=threat, workdir=self.store.root / "work",
             progress=partial(self.progress),
         )
+
+    def _shared_stage(self, stage: str, parts: dict, fn: Callable[[Path], None]) -> Path:
+        key = self.store.key(stage, parts)
+        if self.store.done(stage, key):
+            return self.store.shared_stage(stage, parts, fn)
+        with self.stage_lock(stage, key):  # e.g. class images: once per base model cluster-wide
+            return self.store.shared_stage(stage, parts, fn)
 
     # -- evaluation ------------------------------------------------------------------------
     def ensure(self, node: Node) -> Path:
         if node.key in self._failed:  # failed earlier in this run: fail the same way, cause included
             msg, cause = self._failed[node.key]
             raise StageFailed(msg) from cause
+        if self.driver and not self.store.done(node.stage, node.key):
+            msg = f"{node.stage} failed: no result in the store (the executor did not compute it)"
+            self._failed[node.key] = (msg, None)
+            raise StageFailed(msg)
         try:
-            return self.store.compute(node.stage, node.key, node.parts, node.compute)
+            if self.store.done(node.stage, node.key):
+                return self.store.compute(node.stage, node.key, node.parts, node.compute)
+            with self.stage_lock(node.stage, node.key):  # computed once even if two workers race
+                return self.store.compute(node.stage, node.key, node.parts, node.compute)
         except StageFailed as exc:
             self._failed[node.key] = (str(exc), exc.__cause__)
             raise
@@ -250,7 +341,7 @@ class Runner:
             save_pngs(protected, folder / "images", image_names(ident.data))
             return {"eps_levels": eps, "linf_levels": linf, "l2_levels": l2_levels(protected, clean), **ctx.info}
 
-        return Node("protect", parts, compute)
+        return Node("protect", parts, compute, address=self._address("protect", cell))
 
     def purify_node(self, ident: Identity, cell: Cell) -> Node:
         up = self.protect_node(ident, cell)
@@ -271,7 +362,7 @@ class Runner:
             save_pngs(images, folder / "images", image_names(ident.data))
             return {"purifiers": info}
 
-        return Node("purify", parts, compute)
+        return Node("purify", parts, compute, ups=[up], address=self._address("purify", cell))
 
     def personalize_node(self, ident: Identity, cell: Cell) -> Node:
         up = self.purify_node(ident, cell)
@@ -286,7 +377,7 @@ class Runner:
             personalizer.train(images, ctx, defense, folder)
             return ctx.info
 
-        return Node("personalize", parts, compute)
+        return Node("personalize", parts, compute, ups=[up], address=self._address("personalize", cell))
 
     def generate_node(self, ident: Identity, cell: Cell) -> Node:
         up = self.personalize_node(ident, cell)
@@ -306,7 +397,7 @@ class Runner:
             (folder / "prompts.json").write_text(json.dumps(index, indent=1))
             return ctx.info
 
-        return Node("generate", parts, compute)
+        return Node("generate", parts, compute, ups=[up], address=self._address("generate", cell))
 
     @staticmethod
     def load_generated(folder: Path) -> dict[str, torch.Tensor]:
@@ -347,13 +438,114 @@ class Runner:
             (folder / "score.json").write_text(json.dumps(vars(value), default=float))
             return ctx.info
 
-        return Node("score", parts, compute)
+        index = next(i for i, s in enumerate(self.suite.metrics) if s is spec)
+        return Node("score", parts, compute, ups=list(ups.values()),
+                    address=self._address("score", cell, metric=index))
+
+    @staticmethod
+    def _address(stage: str, cell: Cell, metric: int | None = None) -> NodeAddress:
+        return NodeAddress(stage, cell.identity, cell.seed, *cell.at, metric=metric)
 
     # -- the grid --------------------------------------------------------------------------
     def cells(self, identity: str, seed: int) -> list[Cell]:
         s = self.suite
-        return [Cell(identity, seed, a, chain, d, p)
-                for a in s.attacks for chain in s.purifiers for d in s.defenses for p in s.personalizers]
+        return [Cell(identity, seed, a, chain, d, p, at=(ai, ci, di, pi))
+                for ai, a in enumerate(s.attacks) for ci, chain in enumerate(s.purifiers)
+                for di, d in enumerate(s.defenses) for pi, p in enumerate(s.personalizers)]
+
+    # -- the graph, for executors that compute stages elsewhere ----------------------------
+    def identity(self, name: str) -> Identity:
+        """The identity ``name`` (fingerprinted once; images loaded on first use)."""
+        if name not in self._identities:
+            self._identities[name] = Identity(name, self.dataset.fingerprint(name),
+                                              partial(self.dataset.load, name, self.backend.resolution))
+        return self._identities[name]
+
+    def node_at(self, address: NodeAddress) -> Node:
+        """Rebuild the node at ``address`` (a pure function of the suite and the address)."""
+        s = self.suite
+        cell = Cell(address.identity, address.seed, s.attacks[address.attack], s.purifiers[address.purifier],
+                    s.defenses[address.defense], s.personalizers[address.personalizer],
+                    at=(address.attack, address.purifier, address.defense, address.personalizer))
+        ident = self.identity(address.identity)
+        if address.stage == "score":
+            node = self.score_node(ident, cell, s.metrics[address.metric])
+        else:
+            node = getattr(self, f"{address.stage}_node")(ident, cell)
+        if address.key and node.key != address.key:
+            raise ConfigError(f"{address.stage} stage of {address.identity} hashes to {node.key} here but "
+                              f"{address.key} on the driver: the worker runs other plugin versions or data")
+        return node
+
+    def plan(self) -> Plan:
+        """The cells of the grid and the stages their scores still need, in dependency order."""
+        plan = Plan()
+        done: set[str] = set()
+
+        def visit(node: Node, cell_index: int) -> bool:  # True: the node must be computed
+            if node.key in plan.nodes:
+                plan.nodes[node.key].cells.append(cell_index)
+                return True
+            if node.key in done:
+                return False
+            if self.store.done(node.stage, node.key):
+                done.add(node.key)
+                plan.cached[node.stage] += 1
+                return False
+            deps = [up.key for up in node.ups if visit(up, cell_index)]
+            address = NodeAddress(**{**vars(node.address), "key": node.key})
+            plan.nodes[node.key] = PlannedNode(address, deps, [cell_index])
+            return True
+
+        for seed in self.suite.seeds:
+            for name in self.dataset.identities():
+                try:
+                    ident = self.identity(name)
+                except BenchbaseError as exc:
+                    for cell in self.cells(name, seed):
+                        plan.cells.append(CellPlan(len(plan.cells), cell, None, error=f"dataset: {exc}"))
+                    continue
+                for cell in self.cells(name, seed):
+                    cp = CellPlan(len(plan.cells), cell, ident)
+                    plan.cells.append(cp)
+                    for spec in self.suite.metrics:
+                        visit(self.score_node(ident, cell, spec), cp.index)
+        for key, node in plan.nodes.items():  # a cell needs every planned stage that lists it
+            for index in set(node.cells):
+                plan.cells[index].needs.add(key)
+        return plan
+
+    def run_node(self, address: NodeAddress) -> dict:
+        """Compute one planned stage (its upstream stages are in the store already) and return its
+        outcome: ok, or the error a record will carry; plus the stages this call executed."""
+        node = self.node_at(address)
+        self._failed.clear()  # a retried or repeated task computes afresh
+        executed, cached = Counter(self.store.executed), Counter(self.store.cached)
+        outcome = {"key": node.key, "stage": node.stage, "ok": True, "error": None, "unavailable": False,
+                   "cause": None}
+        start = time.perf_counter()
+        try:
+            self.ensure(node)
+        except StageFailed as exc:
+            cause = exc.__cause__
+            outcome.update(ok=False, error=str(exc), unavailable=isinstance(cause, WeightsUnavailableError),
+                           cause=None if cause is None else str(cause))
+        outcome.update(executed=dict(self.store.executed - executed), cached=dict(self.store.cached - cached),
+                       seconds=round(time.perf_counter() - start, 3))
+        return outcome
+
+    def cell_records(self, cell: CellPlan, outcomes: dict[str, dict]) -> list[dict]:
+        """The records of a planned cell once its stages are finished, from the store, exactly as
+        the local runner writes them (failed stages carry the error their worker reported)."""
+        if cell.error is not None:
+            return [self._record(cell.cell, m, "failed", error=cell.error) for m in self.suite.metrics]
+        for key in cell.needs:
+            out = outcomes.get(key)
+            if out is not None and not out["ok"] and key not in self._failed:
+                cause_type = WeightsUnavailableError if out.get("unavailable") else RuntimeError
+                cause = cause_type(out["cause"]) if out.get("cause") is not None else None
+                self._failed[key] = (out["error"], cause)
+        return self.score_cell(cell.identity, cell.cell)
 
     def _record(self, cell: Cell, spec: Spec, status: str, **fields) -> dict:
         metric = self.component(spec)
@@ -405,7 +597,8 @@ class Runner:
             "suite_data": self.suite.raw, "status": status, "started": started, "updated": time.time(),
             "backend": {"fingerprint": self.backend.fingerprint(), "description": self.backend.describe()},
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "cuda_device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None,
+            "cuda_device": (torch.cuda.get_device_name(self.device)
+                            if self.device.type == "cuda" and torch.cuda.is_available() else None),
             "seeds": self.suite.seeds, "store": str(self.store.root.resolve()), "platform": platform.platform(), "python": platform.python_version(),
             "packages": package_versions(), "plugins": self.plugin_versions(), "n_cells": self.suite.n_cells,
         }

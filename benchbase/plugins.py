@@ -26,7 +26,7 @@ import pluggy
 from benchbase import hookspecs
 from benchbase.errors import ConfigError, PluginError, UnknownComponentError
 
-FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets")
+FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "executors")
 ENTRY_POINT_GROUP = "benchbase"
 ALLOW_ENV = "BENCHBASE_PLUGINS"
 DENY_ENV = "BENCHBASE_DISABLE_PLUGINS"
@@ -183,6 +183,20 @@ class PluginManager:
                         )
                     table[family][entry.name] = entry
         return table
+
+    def registered_modules(self) -> list[str]:
+        """Importable module names of the plugins registered in-process (``register(module)``
+        or ``BENCHBASE_PLUGIN_MODULES``), so another process (a Ray worker) can load the same
+        set; objects that are not modules cannot be named and are returned as ``"?<name>"``."""
+        out = []
+        for name, plugin in self._pm.list_name_plugin():
+            info = self.plugins.get(name)
+            if info is not None and info.source == "entry point":
+                continue
+            module = getattr(plugin, "__name__", None)
+            is_module = type(plugin).__name__ == "module"
+            out.append(module if is_module and module else f"?{name}")
+        return out
 
     def get(self, family: str, name: str) -> Entry:
         entries = self.entries(family)

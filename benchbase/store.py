@@ -105,7 +105,7 @@ class Store:
             if cuda:
                 meta["peak_cuda_memory_mb"] = round(cuda.max_memory_allocated() / 2**20, 1)
             (tmp / DONE).write_text(json.dumps(meta, indent=1, default=str))
-            if final.exists():  # a leftover without _done.json (cannot happen with rename, but be safe)
+            if final.exists() and not (final / DONE).is_file():  # a leftover without _done.json
                 shutil.rmtree(final)
             try:
                 os.replace(tmp, final)
