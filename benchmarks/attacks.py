@@ -44,6 +44,11 @@ ATTACKS: dict[str, tuple[str, dict, str]] = {
                   {"total_trial_num": 1, "pool_train_steps": 4, "pool_interval": 2, "advance_steps": 2, **CLASS},
                   "metacloak"),
     "caat": ("benchbase_plugins.attacks.caat:CAAT", {"max_train_steps": 6}, "caat"),
+    # frozen-model attacks: the outer loop is the PGD loop itself
+    "advdm": ("benchbase_plugins.attacks.advdm:AdvDM", {"steps": 6}, "pgd"),
+    "mist": ("benchbase_plugins.attacks.mist:Mist", {"steps": 6}, "pgd"),
+    "photoguard": ("benchbase_plugins.attacks.photoguard:PhotoGuard", {"steps": 6}, "pgd"),
+    "sds": ("benchbase_plugins.attacks.sds:SDS", {"steps": 6}, "sds"),
 }
 MEMORY_AWARE = {"aspl", "fsmg", "simac", "metacloak", "caat"}  # attacks whose Params take MEMORY
 
@@ -283,9 +288,13 @@ def main() -> None:
               f"{'on' if memory else 'off'}; peak = {r0['peak_kind']}")
     print(header)
     for r in rows:
-        print(f"{r['attack']:<10} {r['s_per_outer']:>9.3f} {r['s_per_pgd_step']:>11.4f} {r['pgd_steps']:>9d} "
-              f"{r['peak_gib']:>9.2f} {r['unet_fwd_bwd_s']:>10.4f} {r['ratio_unet']:>10.2f} "
-              f"{r['ratio_enc_unet']:>14.2f}")
+        if r["pgd_steps"]:
+            step = f"{r['s_per_pgd_step']:>11.4f} {r['pgd_steps']:>9d}"
+            ratios = f"{r['ratio_unet']:>10.2f} {r['ratio_enc_unet']:>14.2f}"
+        else:  # its step does not go through _pgd.eot_grad (SDS): s/outer is its step
+            step, ratios = f"{'—':>11} {0:>9d}", f"{'—':>10} {'—':>14}"
+        print(f"{r['attack']:<10} {r['s_per_outer']:>9.3f} {step} {r['peak_gib']:>9.2f} "
+              f"{r['unet_fwd_bwd_s']:>10.4f} {ratios}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
