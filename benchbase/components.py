@@ -258,6 +258,9 @@ class MetricInputs:
     set_A: "torch.Tensor | None" = None
 
 
+METRIC_INPUTS = ("clean", "protected", "purified", "generated", "references", "set_A")
+
+
 @dataclass
 class MetricValue:
     """A score for one identity and cell. ``value`` is what leaderboards average."""
@@ -285,10 +288,10 @@ class Metric(Component):
     def __init__(self, **params: Any):
         super().__init__(**params)
         of = getattr(self.params, "of", None)
-        if of in type(self).reads:
-            # a metric that scores one chosen image set depends only on that set: a BRISQUE of
-            # the protected images must not wait for (or be invalidated by) fine-tuning
-            self.reads = tuple(r for r in type(self).reads if r == of or r in self.always_reads)
+        if of in METRIC_INPUTS:
+            # a metric that scores one chosen image set depends only on that set (plus what it
+            # always reads): a BRISQUE of the protected images must not wait for fine-tuning
+            self.reads = tuple(dict.fromkeys((of, *self.always_reads)))
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
         raise NotImplementedError

@@ -109,8 +109,8 @@ def cells_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
 
 def _worst(candidates: pd.DataFrame, metric: str, direction: str, against: str) -> tuple[str, str]:
     status = candidates.get(f"{metric}|status")
-    if status is not None and len(candidates) and (status == "unavailable").all():
-        return "unavailable", ""
+    if status is not None and len(candidates) and status.isin(["unavailable", "n/a"]).all():
+        return status.iloc[0], ""  # nothing was measurable anywhere: say why, not "incomplete"
     ok = candidates[status == "ok"] if status is not None else candidates[:0]
     if len(ok) < len(candidates) or not len(ok):
         return "incomplete", ""

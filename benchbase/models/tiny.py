@@ -96,6 +96,9 @@ def build_tiny_pipeline(preset: str = "tiny", seed: int = 0, resolution: int = 6
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from benchbase.models.sd import quiet_libraries
+
+    quiet_libraries()
     p = PRESETS[preset]
     torch.manual_seed(seed)  # module constructors draw from the global generator
     unet = UNet2DConditionModel(
