@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from benchbase.errors import DataError
+from benchbase.store import file_mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_SIDE = 16  # smaller images cannot be resized meaningfully to a training resolution
@@ -136,6 +137,7 @@ def atomic_save_png(img: np.ndarray, path: Path) -> None:
     os.close(fd)
     try:
         Image.fromarray(img).save(tmp, format="PNG")
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -50,12 +50,20 @@ def hash_key(stage: str, parts: dict) -> str:
     return hashlib.sha256(canonical({"stage": stage, **parts}).encode()).hexdigest()[:24]
 
 
+def file_mode() -> int:
+    """The mode a plain ``open()`` would give (mkstemp's 0600 would hide results from others)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
