@@ -25,6 +25,8 @@ from benchbase.errors import DataError
 from benchbase.store import RESULTS, RUN_JSON, atomic_write_text
 
 ROW = ["attack", "purifier", "defense", "personalizer"]
+TITLES = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
+          "purifiers": "Purifiers and defenses: worst case over attacks"}
 ARROW = {"higher": "↑", "lower": "↓"}
 
 
@@ -190,9 +192,7 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     views = build(run_dir)
     parts = [header(info, df)]
-    titles = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
-              "purifiers": "Purifiers and defenses: worst case over attacks"}
-    for name, title in titles.items():
+    for name, title in TITLES.items():
         view = views[name]
         parts.append(f"\n## {title}\n\n" + view.to_markdown(index=False) + "\n")
         view.to_csv(out_dir / f"{name}.csv", index=False)

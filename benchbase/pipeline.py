@@ -232,6 +232,7 @@ class Runner:
         self.dtype = resolve_dtype(suite.dtype)
         self.components: dict[int, Any] = {}
         self.backend = self._create(suite.backend)
+        self.backend_fp = self.backend.fingerprint()  # part of most keys: hash the weights' identity once
         self.dataset = self._create(suite.dataset)
         for spec in [*suite.attacks, *(s for c in suite.purifiers for s in c), *suite.defenses,
                      *suite.personalizers, *suite.metrics]:
@@ -322,7 +323,7 @@ class Runner:
     def protect_node(self, ident: Identity, cell: Cell) -> Node:
         attack = self.component(cell.attack)
         parts = {"attack": component_id(attack), "identity": ident.fingerprint,
-                 "backend": self.backend.fingerprint(), "resolution": self.backend.resolution,
+                 "backend": self.backend_fp, "resolution": self.backend.resolution,
                  "seed": cell.seed, "prompts": vars(self.prompts())}
         threat = self._threat(cell)
         if threat is not None:  # an adaptive protection depends on the threat it optimises against
@@ -347,7 +348,7 @@ class Runner:
         up = self.protect_node(ident, cell)
         chain = [self.component(s) for s in cell.purifiers]
         parts = {"purifiers": [component_id(p) for p in chain], "protect": up.key, "seed": cell.seed,
-                 "backend": self.backend.fingerprint()}
+                 "backend": self.backend_fp}
 
         def compute(folder: Path) -> dict:
             images = load_pngs(self.ensure(up) / "images").to(self.device)
@@ -369,7 +370,7 @@ class Runner:
         personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
         parts = {"personalizer": {**component_id(personalizer), "params": personalizer.train_config()},
                  "defense": component_id(defense), "purify": up.key, "seed": cell.seed,
-                 "backend": self.backend.fingerprint(), "prompts": vars(self.prompts())}
+                 "backend": self.backend_fp, "prompts": vars(self.prompts())}
 
         def compute(folder: Path) -> dict:
             images = load_pngs(self.ensure(up) / "images").to(self.device)
@@ -553,7 +554,7 @@ class Runner:
                "attack_name": cell.attack.name, "adaptive": cell.attack.adaptive,
                "metric": spec.label, "metric_name": spec.name, "direction": metric.direction,
                "status": status, "value": None, "per_prompt": {}, "count": None, "error": None,
-               "backend": self.backend.fingerprint(), "device": str(self.device)}
+               "backend": self.backend_fp, "device": str(self.device)}
         rec.update(fields)
         return rec
 
@@ -595,11 +596,12 @@ class Runner:
         info = {
             "suite": self.suite.name, "suite_hash": self.suite.hash, "suite_source": self.suite.source,
             "suite_data": self.suite.raw, "status": status, "started": started, "updated": time.time(),
-            "backend": {"fingerprint": self.backend.fingerprint(), "description": self.backend.describe()},
+            "backend": {"fingerprint": self.backend_fp, "description": self.backend.describe()},
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "cuda_device": (torch.cuda.get_device_name(self.device)
                             if self.device.type == "cuda" and torch.cuda.is_available() else None),
-            "seeds": self.suite.seeds, "store": str(self.store.root.resolve()), "platform": platform.platform(), "python": platform.python_version(),
+            "seeds": self.suite.seeds, "store": str(self.store.root.resolve()),
+            "platform": platform.platform(), "python": platform.python_version(),
             "packages": package_versions(), "plugins": self.plugin_versions(), "n_cells": self.suite.n_cells,
         }
         info.update(extra or {})

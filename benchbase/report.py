@@ -727,9 +727,7 @@ def tables_section(run: RunData) -> str:
              '<p>Mean over identities ± 95% interval (1.96·sd/√n), the same numbers as '
              '<code>benchbase leaderboard</code>. ↑ = higher favours the protection, ↓ = lower favours '
              'the protection. Click a column to sort; hover a status for its reason.</p>']
-    titles = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
-              "purifiers": "Purifiers and defenses: worst case over attacks"}
-    for name, title in titles.items():
+    for name, title in leaderboard.TITLES.items():
         notes = _cell_notes(views[name], numeric) if name == "cells" else {}
         parts.append(f"<h3>{esc(title)}</h3>" + table_html(views[name], f"table-{name}", notes))
     df = run.df

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchbase import hookimpl, leaderboard
-from benchbase.components import Metric, MetricValue, Purifier
+from benchbase.components import Metric, Purifier
 from benchbase.errors import WeightsUnavailableError
 from benchbase.pipeline import Runner
 from benchbase.plugins import PluginManager
@@ -49,7 +49,6 @@ def test_smoke_suite_end_to_end(smoke_runs):
     assert all(25 < v < 45 for v in noise_psnr)  # uniform ±8 levels: ≈ 10·log10(3·255²/64) ≈ 34 dB
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["suite"] == "smoke" and "torch" in info["packages"]
-    assert (run_dir / "leaderboard").exists() is False or True
     md, text = leaderboard.write(run_dir)
     assert "RANDOM" in text and "psnr ↑" in text and (md.parent / "cells.csv").is_file()
 
@@ -57,13 +56,10 @@ def test_smoke_suite_end_to_end(smoke_runs):
 def test_second_run_is_a_pure_cache_hit(smoke_runs):
     _, first, second = smoke_runs
     assert second.executed == {}, second.executed
-    strip = lambda recs: [{k: v for k, v in r.items()} for r in recs]  # noqa: E731
-    assert strip(second.records) == strip(first.records)
+    assert second.records == first.records
 
 
 def test_protected_pngs_respect_the_budget(smoke_runs):
-    from benchbase.images import load_pngs, linf_levels
-
     run_dir, _, _ = smoke_runs
     metas = [json.loads(p.read_text()) for p in (run_dir / "store" / "protect").glob("*/*/_done.json")]
     assert metas and all(m["info"]["linf_levels"] <= m["info"]["eps_levels"] for m in metas)
