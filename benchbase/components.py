@@ -194,6 +194,10 @@ class Purifier(Component):
     def purify(self, images: "torch.Tensor", ctx: Context) -> "torch.Tensor":
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop models kept between batches. The runner calls it after each purify stage, so a
+        purifier's GPU memory is free again for fine-tuning. Default: nothing is kept."""
+
     def differentiable_view(self, images: "torch.Tensor", ctx: Context) -> "torch.Tensor":
         """Output with a gradient for adaptive attacks: the real one, else straight-through (BPDA)."""
         if self.differentiable:

@@ -353,13 +353,19 @@ class Runner:
         def compute(folder: Path) -> dict:
             images = load_pngs(self.ensure(up) / "images").to(self.device)
             info = {}
-            for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
-                ctx = self.context(cell.seed, ident, "purify", i, spec.label)
-                images = purifier.purify(images, ctx)
-                if images.dim() != 4 or images.shape[1] != 3:
-                    raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
-                images = quantize(images)  # each stage's output is what a file would hold
-                info[spec.label] = ctx.info
+            try:
+                for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
+                    ctx = self.context(cell.seed, ident, "purify", i, spec.label)
+                    images = purifier.purify(images, ctx)
+                    if images.dim() != 4 or images.shape[1] != 3:
+                        raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
+                    images = quantize(images)  # each stage's output is what a file would hold
+                    info[spec.label] = ctx.info
+            finally:  # free purifier models before the next stage (fine-tuning) needs the memory
+                for purifier in chain:
+                    purifier.release()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
             save_pngs(images, folder / "images", image_names(ident.data))
             return {"purifiers": info}
 

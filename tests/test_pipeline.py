@@ -84,6 +84,20 @@ class Exploding(Purifier):
         raise ValueError("this purifier always fails")
 
 
+class Caching(Purifier):
+    """Keeps a 'model' between batches, like the diffusion purifiers do."""
+
+    released = 0
+
+    def purify(self, images, ctx):
+        self._model = object()
+        return images
+
+    def release(self):
+        type(self).released += 1
+        self._model = None
+
+
 class NeedsWeights(Metric):
     reads = ("protected", "clean")
 
@@ -96,6 +110,7 @@ class TestPlugin:
     def register_purifiers(self, register):
         register("interrupting", Interrupting)
         register("exploding", Exploding)
+        register("caching", Caching)
 
     @hookimpl
     def register_metrics(self, register):
@@ -192,3 +207,13 @@ def test_dreambooth_changes_weights_and_caches_class_images(tmp_path, tiny):
     assert list(images) == ctx.prompts.eval and images[ctx.prompts.eval[0]].shape == (3, 3, 64, 64)
     store_dirs = list((tmp_path / "store" / "class_images").glob("*/*/_done.json"))
     assert len(store_dirs) == 1
+
+
+def test_purifier_models_are_released_after_the_purify_stage(tmp_path):
+    Caching.released = 0
+    suite = small_suite(attacks=["none", "noise"], purifiers=["caching"], metrics=[{"name": "psnr", "of": "purified"}])
+    runner = Runner(suite, tmp_path, manager=manager(), progress=False)
+    runner.run()
+    assert Caching.released == 2  # once per purify stage (two protections)
+    purifier = runner.component(suite.purifiers[0][0])
+    assert purifier._model is None

@@ -176,6 +176,9 @@ class _PixelPurifier(Purifier):
     _model = None
     _model_key = None
 
+    def release(self) -> None:
+        self._model = self._model_key = None
+
     def model(self, ctx: Context):
         key = (self.params.model, str(ctx.device), ctx.dtype, self.params.clip_denoised)
         if self._model_key != key:

@@ -243,6 +243,9 @@ class Realign(Purifier):
     _restorer = None
     _clip = None
 
+    def release(self) -> None:
+        self._sr = self._restorer = self._clip = None
+
     def _upscaler(self, strength: float) -> SuperResolution:
         p = self.params
         if self._sr is None:

@@ -128,6 +128,9 @@ class _Upscaler(Purifier):
     _pipe = None
     _pipe_key = None
 
+    def release(self) -> None:
+        self._pipe = self._pipe_key = None
+
     def pipeline(self, ctx: Context):
         key = (self.params.model, str(ctx.device), ctx.dtype)
         if self._pipe_key != key:  # loading the upscaler is slow; keep it for the next batch
