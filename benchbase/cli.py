@@ -98,11 +98,12 @@ def _default_run_dir(name: str) -> Path:
 @click.option("--store", type=click.Path(path_type=Path), help="Artifact store to share between runs (default: RUN_DIR/store).")
 @click.option("--device", help="Override the suite's device (auto, cpu, cuda, cuda:1).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
-@click.option("--executor", "executor_name", default="local", show_default=True,
-              help="Where stages run: local (in-process) or ray (one Ray task per stage; see `benchbase ls executors`).")
+@click.option("--executor", "executor_name", default=None,
+              help="Where stages run: local (in-process, the default) or ray (one Ray task per stage; see "
+                   "`benchbase ls executors`). Overrides the suite's `executor` table.")
 @click.option("--address", help="Ray cluster to join (auto, or ray://HOST:10001); default: start a local Ray instance.")
 def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str | None, progress: bool | None,
-        executor_name: str, address: str | None):
+        executor_name: str | None, address: str | None):
     """Run SUITE (a TOML file or a built-in suite name; default: the smoke suite).
 
     Every stage is cached: running the same command again resumes an interrupted run and
@@ -115,7 +116,10 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
     spec = load_suite(suite)
     run_dir = run_dir or _default_run_dir(spec.name)
     pm = get_plugin_manager()
-    params = {}
+    # the suite may name an executor with settings (retries, GPUs per task...); --executor overrides it
+    chosen = spec.executor if spec.executor and executor_name in (None, spec.executor.name) else None
+    executor_name = executor_name or (chosen.name if chosen else "local")
+    params = dict(chosen.params) if chosen else {}
     if address is not None:
         if executor_name != "ray":
             raise ConfigError("--address is an option of --executor ray")

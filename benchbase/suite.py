@@ -18,6 +18,8 @@ and the component's parameters::
     personalizers = [{ name = "dreambooth", max_train_steps = 20 }]
     metrics = ["psnr", "ref-rmse"]
 
+    executor = { name = "ray", max_retries = 5 }   # optional; default local (--executor overrides)
+
     [prompts]                  # optional; defaults come from the dataset
     instance = "a photo of sks person"
     class = "a photo of person"
@@ -44,7 +46,9 @@ from benchbase.errors import ConfigError
 
 LIST_FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics")
 TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend", "dataset", "prompts",
-            "run_dir", *LIST_FAMILIES}
+            "run_dir", "executor", *LIST_FAMILIES}
+# how a grid is executed does not change its results: left out of the suite hash
+NOT_HASHED = {"executor"}
 PROMPT_KEYS = {"instance", "class", "eval", "negative"}
 RESERVED = {"name", "label", "adaptive"}
 
@@ -80,10 +84,12 @@ class Suite:
     prompts: dict
     source: str = "<memory>"
     raw: dict = field(default_factory=dict)
+    executor: Spec | None = None  # default executor (the CLI's --executor overrides it)
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        graded = {k: v for k, v in self.raw.items() if k not in NOT_HASHED}
+        return hashlib.sha256(json.dumps(graded, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def purifier_label(self, chain: list[Spec]) -> str:
         return "+".join(s.label for s in chain)
@@ -178,10 +184,11 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
     backend = _spec("backends", data["backend"], f"{source}: backend")
     dataset = _spec("datasets", data["dataset"], f"{source}: dataset")
     backend.label, dataset.label = backend.label or backend.name, dataset.label or dataset.name
+    executor = _spec("executors", data["executor"], f"{source}: executor") if "executor" in data else None
     return Suite(
         name=str(name), description=str(data.get("description", "")), seeds=seeds,
         device=str(data.get("device", "auto")), dtype=str(data.get("dtype", "float32")),
-        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, **lists,
+        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, executor=executor, **lists,
     )
 
 

@@ -59,3 +59,12 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path):
 def test_status_of_a_non_run_folder(tmp_path):
     out = run("status", str(tmp_path))
     assert out.returncode == 2 and "not a benchbase run folder" in out.stderr
+
+
+def test_suite_executor_settings_reach_the_executor(tmp_path):
+    suite = tmp_path / "exec.toml"
+    suite.write_text('backend = { name = "tiny" }\ndataset = { name = "sample" }\n'
+                     'attacks = ["none"]\npersonalizers = ["dreambooth"]\nmetrics = ["psnr"]\n'
+                     'executor = { name = "local", bogus = 1 }\n')
+    out = run("run", str(suite), "--run-dir", str(tmp_path / "run"))
+    assert out.returncode == 2 and "bogus" in out.stderr and "Traceback" not in out.stderr

@@ -49,3 +49,11 @@ def test_missing_backend_and_invalid_toml(tmp_path):
     bad.write_text("name = [unclosed")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_suite(str(bad))
+
+
+def test_executor_table_is_parsed_and_not_hashed():
+    plain = parse_suite(BASE)
+    with_ray = parse_suite({**BASE, "executor": {"name": "ray", "max_retries": 5}})
+    assert plain.hash == with_ray.hash  # how a grid runs does not change its results
+    assert with_ray.executor.name == "ray" and with_ray.executor.params == {"max_retries": 5}
+    get_plugin_manager().create("executors", "ray", with_ray.executor.params)
