@@ -103,6 +103,16 @@ def target_latent(models, target01: torch.Tensor, generator: torch.Generator) ->
         return models.encode_images(target01, sample=True, generator=generator).detach()
 
 
+def frozen_setup(ctx, prompt: str, gradient_checkpointing: bool = False):
+    """The frozen surrogate every loss attack starts from: fresh models (memory options on)
+    and the prompt's text embedding, computed once without grad."""
+    models = ctx.models()
+    enable_memory_options(models, gradient_checkpointing)
+    with torch.no_grad():
+        cond = models.encode_prompt([prompt])
+    return models, cond
+
+
 def enable_memory_options(models, gradient_checkpointing: bool) -> None:
     """UNet gradient checkpointing (for full-size models on one GPU); a no-op otherwise."""
     if gradient_checkpointing and hasattr(models.unet, "enable_gradient_checkpointing"):

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from benchbase_plugins.attacks._frozen import (
     chunks,
-    enable_memory_options,
+    frozen_setup,
     semantic_loss,
     threat_view,
 )
@@ -41,10 +41,7 @@ class AdvDM(Attack):
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
-        models = ctx.models()
-        enable_memory_options(models, p.gradient_checkpointing)
-        with torch.no_grad():
-            cond = models.encode_prompt([p.prompt])
+        models, cond = frozen_setup(ctx, p.prompt, p.gradient_checkpointing)
         view = threat_view(ctx)
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:

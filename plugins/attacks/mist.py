@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from benchbase_plugins.attacks._frozen import (
     chunks,
-    enable_memory_options,
+    frozen_setup,
     load_target,
     semantic_loss,
     target_latent,
@@ -54,10 +54,7 @@ class Mist(Attack):
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
-        models = ctx.models()
-        enable_memory_options(models, p.gradient_checkpointing)
-        with torch.no_grad():
-            cond = models.encode_prompt([p.prompt])
+        models, cond = frozen_setup(ctx, p.prompt, p.gradient_checkpointing)
         target = load_target(p.target_image, images.shape[-1]).to(ctx.device) if p.mode != "semantic" else None
         view = threat_view(ctx)
         gen = ctx.generator

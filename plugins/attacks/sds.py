@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 import torch
 from benchbase_plugins.attacks._frozen import (
     chunks,
+    frozen_setup,
     load_target,
     target_latent,
     textural_loss,
@@ -52,9 +53,7 @@ class SDS(Attack):
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
-        models = ctx.models()
-        with torch.no_grad():
-            cond = models.encode_prompt([p.prompt])
+        models, cond = frozen_setup(ctx, p.prompt)
         view = threat_view(ctx) or (lambda x: x)
         target = load_target(p.target_image, images.shape[-1]).to(ctx.device) if p.target else None
         g_dir = 1.0 if p.sign == "+" else -1.0
