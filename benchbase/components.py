@@ -304,6 +304,10 @@ class Metric(Component):
 class Backend(Component):
     """Loads the diffusion model every stage uses (surrogate and victim)."""
 
+    #: the face detector/embedder made for this backend's world (``"mini"``), which face
+    #: metrics with ``detector``/``embedder = "auto"`` use; None: the metrics' real defaults
+    face_models: ClassVar[str | None] = None
+
     def fingerprint(self) -> str:
         """A stable id of the weights (part of every cache key)."""
         raise NotImplementedError

@@ -42,10 +42,22 @@ def load_results(run_dir: Path) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(records), info
 
 
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for n values (n - 1 degrees of freedom)."""
+    if n < 2:
+        return float("nan")
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, n - 1))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-image
+        return 1.96
+
+
 def _summary(values: pd.Series) -> dict:
     n = len(values)
     mean = float(values.mean())
-    ci = 1.96 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    ci = t95(n) * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     return {"mean": mean, "ci95": ci}
 
 
@@ -169,7 +181,7 @@ def header(info: dict, df: pd.DataFrame) -> str:
         f"- Model: {backend}.",
         f"- Device {info.get('device', '?')}, dtype {info.get('dtype', '?')}, seeds {info.get('seeds', '?')}, "
         f"{df['identity'].nunique()} identities, benchbase {info.get('packages', {}).get('benchbase', '?')}.",
-        "- Values: mean over identities ± 95% interval (1.96·sd/√n). ↑ = higher favours the protection, "
+        "- Values: mean over identities ± 95% interval (t·sd/√n, Student t with n−1 degrees of freedom). ↑ = higher favours the protection, "
         "↓ = lower favours the protection. INCOMPLETE rows are not averaged.",
     ]
     if "RANDOM" in backend or "tiny" in backend:
@@ -177,11 +189,57 @@ def header(info: dict, df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_identity(df: pd.DataFrame, metric: str, cell: dict) -> pd.Series:
+    sel = df[(df["metric"] == metric) & (df["status"] == "ok")]
+    for k, v in cell.items():
+        sel = sel[sel[k] == v]
+    return sel.groupby("identity")["value"].mean()
+
+
+def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
+    """Paired differences a − b over identities that scored both, mean ± 95% t-interval."""
+    rows = []
+    for c in contrasts:
+        a, b = _per_identity(df, c["metric"], c["a"]), _per_identity(df, c["metric"], c["b"])
+        both = a.index.intersection(b.index)
+        d = (a[both] - b[both]).astype(float)
+        row = {"contrast": c["label"], "metric": c["metric"],
+               "a": " / ".join(c["a"].values()), "b": " / ".join(c["b"].values()), "n identities": len(both)}
+        if len(both):
+            s = _summary(d)
+            row.update({"mean a": round(float(a[both].mean()), 4), "mean b": round(float(b[both].mean()), 4),
+                        "a − b": f"{s['mean']:+.4f} ± {s['ci95']:.4f}" if len(both) > 1 else f"{s['mean']:+.4f}",
+                        "95% interval": (f"[{s['mean'] - s['ci95']:+.4f}, {s['mean'] + s['ci95']:+.4f}]"
+                                         if len(both) > 1 else "n/a"),
+                        "excludes 0": bool(len(both) > 1 and abs(s["mean"]) > s["ci95"])})
+        if "recovery" in c and len(both):
+            r = _per_identity(df, c["metric"], c["recovery"])
+            common = both.intersection(r.index)
+            gap = float(r[common].mean() - b[common].mean()) if len(common) else float("nan")
+            # a loss to recover exists only when the reference is better for the victim than b
+            # (higher ISM for a "lower favours the protection" metric, lower FDFR for "higher")
+            direction = df.loc[df["metric"] == c["metric"], "direction"].iloc[0] if "direction" in df else "lower"
+            lost = gap > 0 if direction == "lower" else gap < 0
+            if math.isnan(gap) or not lost:
+                row["recovered"] = f"n/a: no loss to recover (reference − b = {gap:+.4f})"
+            else:
+                row["recovered"] = (f"{float(a[common].mean() - b[common].mean()) / gap:.0%} of "
+                                    f"{' / '.join(c['recovery'].values())} − b")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def build(run_dir: Path) -> dict[str, pd.DataFrame]:
-    df, _ = load_results(run_dir)
+    df, info = load_results(run_dir)
     table, directions = cell_table(df)
-    return {"cells": cells_view(table, directions), "attacks": attacks_view(table, directions),
-            "purifiers": purifiers_view(table, directions), "_numeric": table}
+    views = {"cells": cells_view(table, directions), "attacks": attacks_view(table, directions),
+             "purifiers": purifiers_view(table, directions), "_numeric": table}
+    suite_data = info.get("suite_data") or {}
+    if suite_data.get("contrasts"):
+        from benchbase.suite import contrasts_of
+
+        views["contrasts"] = contrasts_view(df, contrasts_of(suite_data))
+    return views
 
 
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
@@ -192,6 +250,10 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     views = build(run_dir)
     parts = [header(info, df)]
+    if "contrasts" in views:
+        parts.append("\n## Contrasts (paired over identities: a − b, mean ± 95% t-interval)\n\n"
+                     + views["contrasts"].to_markdown(index=False) + "\n")
+        views["contrasts"].to_csv(out_dir / "contrasts.csv", index=False)
     for name, title in TITLES.items():
         view = views[name]
         parts.append(f"\n## {title}\n\n" + view.to_markdown(index=False) + "\n")

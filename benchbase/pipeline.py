@@ -458,7 +458,8 @@ class Runner:
         s = self.suite
         return [Cell(identity, seed, a, chain, d, p, at=(ai, ci, di, pi))
                 for ai, a in enumerate(s.attacks) for ci, chain in enumerate(s.purifiers)
-                for di, d in enumerate(s.defenses) for pi, p in enumerate(s.personalizers)]
+                for di, d in enumerate(s.defenses) for pi, p in enumerate(s.personalizers)
+                if s.keeps(a, chain, d, p)]
 
     # -- the graph, for executors that compute stages elsewhere ----------------------------
     def identity(self, name: str) -> Identity:

@@ -724,7 +724,7 @@ def tables_section(run: RunData) -> str:
     views = leaderboard.build(run.run_dir)
     numeric = views["_numeric"]
     parts = ['<h2 id="tables">Leaderboard</h2>',
-             '<p>Mean over identities ± 95% interval (1.96·sd/√n), the same numbers as '
+             '<p>Mean over identities ± 95% interval (t·sd/√n), the same numbers as '
              '<code>benchbase leaderboard</code>. ↑ = higher favours the protection, ↓ = lower favours '
              'the protection. Click a column to sort; hover a status for its reason.</p>']
     for name, title in leaderboard.TITLES.items():

@@ -20,6 +20,16 @@ and the component's parameters::
 
     executor = { name = "ray", max_retries = 5 }   # optional; default local (--executor overrides)
 
+    # optional: run only these cells instead of the full cross product (a key left out
+    # matches every entry of its list; values are labels)
+    cells = [{ attack = "none" }, { attack = "noise", purifier = "none" }]
+
+    # optional: paired contrasts the leaderboard reports as mean difference over identities
+    # with a 95% t-interval (a - b per identity). A cell selector's missing keys mean
+    # attack/purifier/defense "none" and the first personalizer; `recovery` (optional) names
+    # a reference cell r and adds (mean a - mean b) / (mean r - mean b).
+    contrasts = [{ label = "aspl vs noise", metric = "ism", a = { attack = "noise" }, b = { attack = "aspl" } }]
+
     [prompts]                  # optional; defaults come from the dataset
     instance = "a photo of sks person"
     class = "a photo of person"
@@ -46,7 +56,8 @@ from benchbase.errors import ConfigError
 
 LIST_FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics")
 TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend", "dataset", "prompts",
-            "run_dir", "executor", *LIST_FAMILIES}
+            "run_dir", "executor", "cells", "contrasts", *LIST_FAMILIES}
+CELL_KEYS = {"attack": "attacks", "purifier": "purifiers", "defense": "defenses", "personalizer": "personalizers"}
 # how a grid is executed does not change its results: left out of the suite hash
 NOT_HASHED = {"executor"}
 PROMPT_KEYS = {"instance", "class", "eval", "negative"}
@@ -85,6 +96,7 @@ class Suite:
     source: str = "<memory>"
     raw: dict = field(default_factory=dict)
     executor: Spec | None = None  # default executor (the CLI's --executor overrides it)
+    only: list[dict[str, str]] | None = None  # the `cells` filter; None: the full cross product
 
     @property
     def hash(self) -> str:
@@ -94,9 +106,20 @@ class Suite:
     def purifier_label(self, chain: list[Spec]) -> str:
         return "+".join(s.label for s in chain)
 
+    def keeps(self, attack: Spec, chain: list[Spec], defense: Spec, personalizer: Spec) -> bool:
+        """Whether the cell is in the grid (always, without a `cells` filter)."""
+        if self.only is None:
+            return True
+        labels = {"attack": attack.label, "purifier": self.purifier_label(chain), "defense": defense.label,
+                  "personalizer": personalizer.label}
+        return any(all(labels[k] == v for k, v in rule.items()) for rule in self.only)
+
     @property
     def n_cells(self) -> int:
-        return len(self.seeds) * len(self.attacks) * len(self.purifiers) * len(self.defenses) * len(self.personalizers)
+        """Cells per identity (all seeds)."""
+        kept = sum(self.keeps(a, c, d, p) for a in self.attacks for c in self.purifiers for d in self.defenses
+                   for p in self.personalizers)
+        return len(self.seeds) * kept
 
 
 def _spec(family: str, entry: Any, where: str) -> Spec:
@@ -185,11 +208,29 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
     dataset = _spec("datasets", data["dataset"], f"{source}: dataset")
     backend.label, dataset.label = backend.label or backend.name, dataset.label or dataset.name
     executor = _spec("executors", data["executor"], f"{source}: executor") if "executor" in data else None
+    only = _cells_filter(data.get("cells"), lists, source)
+    contrasts_of(data, lists, source)  # validated here, read by the leaderboard from run.json
     return Suite(
         name=str(name), description=str(data.get("description", "")), seeds=seeds,
         device=str(data.get("device", "auto")), dtype=str(data.get("dtype", "float32")),
-        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, executor=executor, **lists,
+        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, executor=executor, only=only,
+        **lists,
     )
+
+
+def _cells_filter(rules: Any, lists: dict, source: str) -> list[dict[str, str]] | None:
+    if rules is None:
+        return None
+    if not isinstance(rules, list) or not rules or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"{source}: `cells` must be a non-empty list of tables like {{ attack = \"aspl\" }}")
+    known = _labels(lists)
+    for i, rule in enumerate(rules):
+        for k, v in rule.items():
+            if k not in CELL_KEYS:
+                raise ConfigError(f"{source}: cells[{i}] has unknown key {k!r}; keys: {', '.join(CELL_KEYS)}")
+            if v not in known[k]:
+                raise ConfigError(f"{source}: cells[{i}]: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
+    return [{k: str(v) for k, v in r.items()} for r in rules]
 
 
 def builtin_suites() -> dict[str, str]:
@@ -199,8 +240,8 @@ def builtin_suites() -> dict[str, str]:
 
 
 def load_suite(ref: str | None = None) -> Suite:
-    """A suite from a TOML path, or a built-in suite by name (default: ``smoke``)."""
-    ref = ref or "smoke"
+    """A suite from a TOML path, or a built-in suite by name (default: ``mini``)."""
+    ref = ref or "mini"
     path = Path(ref)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
@@ -221,3 +262,44 @@ def load_suite(ref: str | None = None) -> Suite:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     return parse_suite(data, source)
+
+
+def _labels(lists: dict) -> dict[str, list[str]]:
+    return {key: (["+".join(s.label for s in c) for c in lists[fam]] if fam == "purifiers"
+                  else [s.label for s in lists[fam]]) for key, fam in CELL_KEYS.items()}
+
+
+def contrasts_of(data: dict, lists: dict | None = None, source: str = "<suite>") -> list[dict]:
+    """The suite's ``contrasts`` with every cell selector completed (see the module docstring)."""
+    raw = data.get("contrasts")
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise ConfigError(f"{source}: `contrasts` must be a list of tables")
+    if lists is None:
+        lists = {fam: parse_suite({**data, "contrasts": None}).__dict__[fam] for fam in CELL_KEYS.values()}
+    known = _labels(lists)
+    defaults = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": known["personalizer"][0]}
+    out = []
+    for i, c in enumerate(raw):
+        where = f"{source}: contrasts[{i}]"
+        missing = {"metric", "a", "b"} - set(c)
+        if missing:
+            raise ConfigError(f"{where} needs {sorted(missing)}")
+        unknown = set(c) - {"label", "metric", "a", "b", "recovery"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        item = {"label": str(c.get("label") or f"{c['metric']}: a - b"), "metric": str(c["metric"])}
+        for side in ("a", "b", "recovery"):
+            if side not in c:
+                continue
+            sel = c[side]
+            if not isinstance(sel, dict) or set(sel) - set(CELL_KEYS):
+                raise ConfigError(f"{where}.{side} must be a table with keys from {', '.join(CELL_KEYS)}")
+            full = {**defaults, **{k: str(v) for k, v in sel.items()}}
+            for k, v in full.items():
+                if v not in known[k]:
+                    raise ConfigError(f"{where}.{side}: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
+            item[side] = full
+        out.append(item)
+    return out

@@ -217,3 +217,67 @@ def test_purifier_models_are_released_after_the_purify_stage(tmp_path):
     assert Caching.released == 2  # once per purify stage (two protections)
     purifier = runner.component(suite.purifiers[0][0])
     assert purifier._model is None
+
+
+def test_contrasts_are_paired_t_intervals():
+    import math
+
+    import pandas as pd
+    from scipy.stats import t
+
+    rows = []
+    values = {"none": [0.9, 0.8, 0.85, 0.95], "noise": [0.7, 0.75, 0.6, 0.8], "jpeg": [0.8, 0.8, 0.7, 0.9]}
+    for cell, vals in values.items():
+        for i, v in enumerate(vals):
+            rows.append({"identity": f"id{i}", "metric": "ism", "status": "ok", "value": v, "direction": "lower",
+                         "attack": "none" if cell == "none" else "noise", "purifier": "jpeg" if cell == "jpeg" else "none",
+                         "defense": "none", "personalizer": "db"})
+    sel = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": "db"}
+    noise = {**sel, "attack": "noise"}
+    view = leaderboard.contrasts_view(pd.DataFrame(rows), [
+        {"label": "x", "metric": "ism", "a": sel, "b": noise},
+        {"label": "y", "metric": "ism", "a": {**noise, "purifier": "jpeg"}, "b": noise, "recovery": sel}])
+    d = [a - b for a, b in zip(values["none"], values["noise"])]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    assert view.loc[0, "a − b"] == f"{mean:+.4f} ± {t.ppf(0.975, 3) * sd / 2:.4f}"
+    assert bool(view.loc[0, "excludes 0"]) and view.loc[0, "n identities"] == 4
+    gap = sum(values["none"]) / 4 - sum(values["noise"]) / 4
+    gain = sum(values["jpeg"]) / 4 - sum(values["noise"]) / 4
+    assert view.loc[1, "recovered"].startswith(f"{gain / gap:.0%}")
+    # no loss to recover (the "attacked" cell is the better one): no percentage is invented
+    flipped = leaderboard.contrasts_view(pd.DataFrame(rows), [
+        {"label": "z", "metric": "ism", "a": {**noise, "purifier": "jpeg"}, "b": sel, "recovery": noise}])
+    assert flipped.loc[0, "recovered"].startswith("n/a")
+
+
+def test_dreambooth_batch_of_two_sees_every_image_and_fused_adamw_matches(tmp_path, tiny):
+    """train_batch_size k takes k instance and k class images per step; the fused CPU AdamW
+    gives the same update as the per-tensor loop."""
+    from benchbase.components import Defense
+    from benchbase.testing import make_context, sample_identity
+    from benchbase_plugins.personalizers.dreambooth import DreamBooth, fused_kwargs
+
+    seen = []
+
+    class Spy(Defense):
+        def transform_batch(self, batch, ctx):
+            seen.append((batch["instance_images"].shape[0], batch["class_images"].shape[0]))
+            return batch
+
+    ident = sample_identity(resolution=64)
+    ctx = make_context(backend=tiny, identity=ident, store_dir=tmp_path / "store")
+    db = DreamBooth(max_train_steps=2, train_batch_size=2, learning_rate=1e-3, num_class_images=2,
+                    class_inference_steps=2)
+    db.train(ident.set_B, ctx, Spy(), tmp_path / "model")
+    assert seen == [(2, 2), (2, 2)] and ctx.info["steps"] == 2
+    w = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    v = [torch.nn.Parameter(x.detach().clone()) for x in w]
+    assert fused_kwargs(w) == {"fused": True}
+    a, b = torch.optim.AdamW(w, lr=1e-2, **fused_kwargs(w)), torch.optim.AdamW(v, lr=1e-2)
+    for _ in range(3):
+        for opt, ps in ((a, w), (b, v)):
+            opt.zero_grad()
+            sum((p ** 2).sum() for p in ps).backward()
+            opt.step()
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(w, v))

@@ -57,3 +57,30 @@ def test_executor_table_is_parsed_and_not_hashed():
     assert plain.hash == with_ray.hash  # how a grid runs does not change its results
     assert with_ray.executor.name == "ray" and with_ray.executor.params == {"max_retries": 5}
     get_plugin_manager().create("executors", "ray", with_ray.executor.params)
+
+
+def test_cells_filter_restricts_the_grid():
+    suite = parse_suite({**BASE, "attacks": ["none", "noise"], "purifiers": ["none", "jpeg"],
+                         "cells": [{"attack": "none"}, {"attack": "noise", "purifier": "jpeg"}]})
+    assert suite.n_cells == 3
+    kept = [(a.label, suite.purifier_label(c)) for a in suite.attacks for c in suite.purifiers
+            if suite.keeps(a, c, suite.defenses[0], suite.personalizers[0])]
+    assert kept == [("none", "none"), ("none", "jpeg"), ("noise", "jpeg")]
+    with pytest.raises(ConfigError, match="'aspl' is not in the suite"):
+        parse_suite({**BASE, "cells": [{"attack": "aspl"}]})
+    with pytest.raises(ConfigError, match="unknown key 'attacks'"):
+        parse_suite({**BASE, "cells": [{"attacks": "none"}]})
+
+
+def test_contrasts_are_validated_and_completed():
+    from benchbase.suite import contrasts_of
+
+    data = {**BASE, "attacks": ["none", "noise"],
+            "contrasts": [{"metric": "psnr", "a": {"attack": "none"}, "b": {"attack": "noise"}}]}
+    parse_suite(data)
+    (c,) = contrasts_of(data)
+    assert c["b"] == {"attack": "noise", "purifier": "none", "defense": "none", "personalizer": "dreambooth"}
+    with pytest.raises(ConfigError, match="needs"):
+        parse_suite({**data, "contrasts": [{"metric": "psnr", "a": {}}]})
+    with pytest.raises(ConfigError, match="not in the suite"):
+        parse_suite({**data, "contrasts": [{"metric": "psnr", "a": {"attack": "x"}, "b": {}}]})

@@ -196,7 +196,9 @@ class Surrogate:
                       weight_decay=p.adam_weight_decay, eps=p.adam_epsilon)
         if lr is not None:
             kw["lr"] = lr
-        return torch.optim.AdamW(self.params, **kw)
+        from benchbase_plugins.personalizers.dreambooth import fused_kwargs
+
+        return torch.optim.AdamW(self.params, **fused_kwargs(self.params), **kw)
 
     # -- conditioning ----------------------------------------------------------------------
 

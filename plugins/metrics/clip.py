@@ -17,6 +17,7 @@ from benchbase.images import to_uint8
 from ._common import aggregate, check, image_groups
 
 TINY = "tiny"
+MINI = "mini"  # the benchbase-mini world's CLIP, trained on its portraits (weights ship with benchbase)
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -24,6 +25,10 @@ def open_clip_available(model: str, pretrained: str | None) -> str | None:
     """None when ``model``/``pretrained`` can be built without a download, else the reason."""
     if model == TINY:
         return None
+    if model == MINI:
+        from benchbase.mini.models import weights_present
+
+        return weights_present()
     label = f"open_clip {model} ({pretrained})"
     try:
         import open_clip
@@ -63,6 +68,10 @@ def load_open_clip(model: str, pretrained: str | None):
         from . import _tiny_clip
 
         return _tiny_clip.build()
+    if model == MINI:
+        from benchbase.mini.models import load_clip
+
+        return load_clip()
     message = open_clip_available(model, pretrained)
     if message:
         raise WeightsUnavailableError(message)
@@ -104,8 +113,8 @@ class CLIPAlignment(Metric):
     ``of`` picks the images (clean, protected, purified or generated; generated is reported
     per eval prompt), ``prompt`` the caption: ``class`` (default, "a photo of person"),
     ``instance`` ("a photo of sks person") or any literal text. ``model``/``pretrained`` are
-    any open_clip pair (default OpenAI ViT-B/32, the authors' tooling); ``model="tiny"`` is a
-    random test model. Lower (more misalignment) favours the protector. Compare the same
+    any open_clip pair (default OpenAI ViT-B/32, the authors' tooling); ``model="mini"`` is the
+    benchbase-mini world's CLIP, ``model="tiny"`` a random test model. Lower (more misalignment) favours the protector. Compare the same
     ``of`` across cells, or pair clean and protected runs for ΔA.
     """
 

@@ -25,8 +25,9 @@ class FaceDetectionFailureRate(Metric):
     """FDFR (Anti-DreamBooth, Le et al., ICCV'23): fraction of generated images in which the
     detector finds no face; per prompt and pooled over prompts. Higher favours the protector.
 
-    Anti-DreamBooth detects with RetinaFace (deepface); the default here is MTCNN
-    (facenet-pytorch, weights in the wheel). ``details.face_det_score`` is the soft form
+    Anti-DreamBooth detects with RetinaFace (deepface); ``detector = "auto"`` (default) is
+    MTCNN (facenet-pytorch, weights in the wheel), or the world's own detector on a backend
+    that brings one (``mini``). ``details.face_det_score`` is the soft form
     (MetaCloak): mean confidence of the best face, 0 when none.
     """
 
@@ -34,22 +35,23 @@ class FaceDetectionFailureRate(Metric):
     reads: ClassVar[tuple[str, ...]] = ("generated",)
 
     class Params(Params):
-        detector: Literal["mtcnn", "retinaface"] = "mtcnn"
+        detector: Literal["auto", "mtcnn", "retinaface", "mini"] = "auto"
         of: Literal["generated", "protected", "purified", "clean"] = "generated"
 
     def available(self) -> str | None:
-        return faces.detector_available(self.params.detector)
+        return faces.auto_available("detector", self.params.detector)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        check(self.available)
-        detector = faces.get_detector(self.params.detector, device=str(ctx.device))
+        name = faces.resolve("detector", self.params.detector, ctx.backend)
+        check(lambda: faces.detector_available(name))
+        detector = faces.get_detector(name, device=str(ctx.device))
         groups = image_groups(inputs, self.params.of)
         failures, confidences = {}, []
         for group, images in groups.items():
             found = detector.detect(images)
             failures[group] = [0.0 if f else 1.0 for f in found]
             confidences += [max((x.score for x in f), default=0.0) for f in found]
-        value = aggregate(failures, detector=self.params.detector)
+        value = aggregate(failures, detector=name)
         value.details["face_det_score"] = float(np.mean(confidences)) if confidences else float("nan")
         return value
 
@@ -76,6 +78,8 @@ class IdentityScoreMatching(Metric):
     algorithms.md §4.2, MetaCloak/DiffShortcut's reference set) or ``adb`` (set_A ∪ set_B
     clean, Anti-DreamBooth's ``test.py``). Lower favours the protector. The paper's embedder
     is ArcFace; the offline default is dlib's 128-d ResNet, whose numbers are on another scale.
+    ``"auto"`` detector/embedder (default): MTCNN + dlib, or the world's own models on a
+    backend that brings them (``mini``).
     """
 
     direction: ClassVar[str] = "lower"
@@ -83,13 +87,14 @@ class IdentityScoreMatching(Metric):
     always_reads: ClassVar[tuple[str, ...]] = ("references", "clean", "set_A")
 
     class Params(Params):
-        detector: Literal["mtcnn", "retinaface"] = "mtcnn"
-        embedder: Literal["dlib", "arcface", "facenet-vggface2"] = "dlib"
+        detector: Literal["auto", "mtcnn", "retinaface", "mini"] = "auto"
+        embedder: Literal["auto", "dlib", "arcface", "facenet-vggface2", "mini"] = "auto"
         reference: Literal["set_C", "adb"] = "set_C"
         of: Literal["generated", "protected", "purified"] = "generated"
 
     def available(self) -> str | None:
-        return faces.detector_available(self.params.detector) or faces.embedder_available(self.params.embedder)
+        return (faces.auto_available("detector", self.params.detector)
+                or faces.auto_available("embedder", self.params.embedder))
 
     def _references(self, inputs: MetricInputs) -> torch.Tensor:
         if self.params.reference == "set_C":
@@ -102,20 +107,22 @@ class IdentityScoreMatching(Metric):
         return refs
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        check(self.available)
-        detector = faces.get_detector(self.params.detector, device=str(ctx.device))
-        embedder = faces.get_embedder(self.params.embedder)
+        det_name = faces.resolve("detector", self.params.detector, ctx.backend)
+        emb_name = faces.resolve("embedder", self.params.embedder, ctx.backend)
+        check(lambda: faces.detector_available(det_name) or faces.embedder_available(emb_name))
+        detector = faces.get_detector(det_name, device=str(ctx.device))
+        embedder = faces.get_embedder(emb_name)
         ref_embs = [e for e in _largest_face_embeddings(self._references(inputs), detector, embedder) if e is not None]
         if not ref_embs:  # ISM is undefined: say so rather than invent a value
             return MetricValue(value=float("nan"), count=0, details={
-                "reason": f"the {self.params.detector} detector finds no face in any reference image",
-                "detector": self.params.detector, "embedder": self.params.embedder})
+                "reason": f"the {det_name} detector finds no face in any reference image",
+                "detector": det_name, "embedder": emb_name})
         centre = np.mean(ref_embs, axis=0)
         per_group = {}
         for group, images in image_groups(inputs, self.params.of).items():
             embs = _largest_face_embeddings(images, detector, embedder)
             per_group[group] = [None if e is None else _cosine(e, centre) for e in embs]
-        return aggregate(per_group, detector=self.params.detector, embedder=self.params.embedder,
+        return aggregate(per_group, detector=det_name, embedder=emb_name,
                          reference=self.params.reference, reference_faces=len(ref_embs))
 
 

@@ -184,7 +184,60 @@ class RetinaFaceDetector:
         return out
 
 
-DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector}
+class MiniDetector:
+    """The benchbase-mini world's face detector (its RetinaFace): a small ResNet trained on the
+    world's portraits against backgrounds, patch-shuffled portraits and random blobs
+    (``benchbase.mini.train``). One face per image at most: a portrait when its probability
+    is ≥ ``threshold`` (0.5), with the regressed box and 5 landmarks. Only meaningful on
+    64-px images of the mini world."""
+
+    name: ClassVar[str] = "mini"
+
+    def __init__(self, threshold: float = 0.5, device: str | torch.device = "cpu", **_):
+        from benchbase.mini.models import load_face_models
+
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        self.net = load_face_models()[1]
+        self.threshold = threshold
+
+    @classmethod
+    def available(cls) -> str | None:
+        from benchbase.mini.models import weights_present
+
+        return weights_present()
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        x = _mini_input(images)
+        return torch.sigmoid(self.net(x)[0])
+
+    @torch.no_grad()
+    def detect(self, images: torch.Tensor) -> list[list[Face]]:
+        x = _mini_input(images)
+        logit, box, lm = self.net(x)
+        side = x.shape[-1]
+        out = []
+        for p, b, l in zip(torch.sigmoid(logit), box, lm):
+            if p < self.threshold:
+                out.append([])
+                continue
+            out.append([Face(tuple(float(v) * side for v in b), float(p), l.double().numpy() * side)])
+        return out
+
+
+def _mini_input(images: torch.Tensor) -> torch.Tensor:
+    """[0,1] NCHW images at the mini world's 64 px, 8-bit like every scored image."""
+    from benchbase.images import from_uint8
+
+    x = from_uint8(to_uint8(images)).float().cpu().contiguous()
+    if x.shape[-1] != 64 or x.shape[-2] != 64:
+        x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector, "mini": MiniDetector}
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,7 +403,37 @@ class FaceNetEmbedder:
         return self._head(feats, dropout=True, generator=generator).double().numpy()
 
 
-EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder}
+class MiniEmbedder:
+    """The benchbase-mini world's face embedder (its ArcFace): a small ResNet trained with a
+    CosFace head to tell the world's 1000 training identities apart; 128-d, L2-normalised.
+    It embeds the whole 64-px portrait (the world's portraits are face crops already), so the
+    box is not used."""
+
+    name: ClassVar[str] = "mini"
+    has_dropout: ClassVar[bool] = False
+
+    def __init__(self, **_):
+        from benchbase.mini.models import load_face_models
+
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        self.net = load_face_models()[0]
+
+    @classmethod
+    def available(cls) -> str | None:
+        from benchbase.mini.models import weights_present
+
+        return weights_present()
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        return self.net(_mini_input(x))[0].double().numpy()
+
+
+EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder,
+                              "mini": MiniEmbedder}
 
 
 def get_detector(name: str, **kwargs) -> FaceDetector:
@@ -386,3 +469,24 @@ def embedder_available(name: str, **kwargs) -> str | None:
         return f"unavailable: unknown face embedder {name!r} — known: {', '.join(EMBEDDERS)}"
     cls = EMBEDDERS[name]
     return cls.available(**kwargs) if kwargs else cls.available()
+
+
+DEFAULTS = {"detector": "mtcnn", "embedder": "dlib"}
+
+
+def resolve(kind: str, name: str, backend) -> str:
+    """``"auto"``: the backend's own world's model (``Backend.face_models``, e.g. the mini
+    world's), else the offline default (MTCNN, dlib)."""
+    if name != "auto":
+        return name
+    world = getattr(backend, "face_models", None)
+    return world or DEFAULTS[kind]
+
+
+def auto_available(kind: str, name: str, **kwargs) -> str | None:
+    """Availability without knowing the backend: ``auto`` is available when either choice is."""
+    check = detector_available if kind == "detector" else embedder_available
+    if name != "auto":
+        return check(name, **kwargs)
+    reasons = [check(n) for n in (DEFAULTS[kind], "mini")]
+    return None if any(r is None for r in reasons) else reasons[0]

@@ -164,8 +164,16 @@ class ClipAlignment:
 
             register_tiny_clip()
             model, pretrained = TINY_CLIP_NAME, str(tiny_clip_checkpoint())
+        if model == "mini":  # the benchbase-mini world's CLIP (weights ship with benchbase)
+            from benchbase.mini.models import CLIP_NAME, load_clip
+
+            self.model, pretrained = load_clip()[0], "benchbase-mini"
+            model = CLIP_NAME
+        else:
+            self.model = None
         try:
-            self.model = open_clip.create_model(model, pretrained=pretrained or None)
+            if self.model is None:
+                self.model = open_clip.create_model(model, pretrained=pretrained or None)
         except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
             raise WeightsUnavailableError(
                 f"open_clip {model} weights {pretrained!r} are not available ({type(exc).__name__}): download them "

@@ -40,6 +40,10 @@ def load_upscaler(model: str, device: torch.device, dtype: torch.dtype):
         from ._tiny_models import tiny_upscaler_folder
 
         model = str(tiny_upscaler_folder())
+    elif model == "mini":  # the benchbase-mini world's trained x4 upscaler (16 px -> 64 px)
+        from benchbase.mini.models import ensure_folder
+
+        model = str(ensure_folder("upscaler"))
 
     def load(path: str, local_only: bool):
         with quiet_diffusers():

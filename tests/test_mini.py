@@ -1,0 +1,194 @@
+"""benchbase-mini: the procedural world, its shipped models, and the plugins that use them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchbase.mini import models as M
+from benchbase.mini import portraits as P
+
+
+def _as_tensor(images) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+
+
+# --------------------------------------------------------------------------- the world
+
+
+def test_portraits_are_seeded_and_identities_differ():
+    a, b = P.identity("heldout-000"), P.identity("heldout-001")
+    assert a == P.identity("heldout-000") and a.key() != b.key()
+    one, again = P.render(a, 3), P.render(a, 3)
+    assert np.array_equal(np.asarray(one.image), np.asarray(again.image))
+    assert np.asarray(one.image).shape == (64, 64, 3)
+    assert not np.array_equal(np.asarray(one.image), np.asarray(P.render(a, 4).image))
+    x1, y1, x2, y2 = one.box
+    assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
+    assert ((one.landmarks >= x1 - 1) & (one.landmarks <= x2 + 1)).all()
+    assert P.caption(a).startswith("a photo of person with ")
+
+
+def test_heldout_identities_never_share_attributes_with_training():
+    taken = {P.identity(n).key() for n in P.train_names(4096)}
+    held = P.heldout_names(16)
+    assert len(set(held)) == 16 and all(P.identity(n).key() not in taken for n in held)
+
+
+def test_mini_dataset_sets_are_disjoint_photos_of_one_person():
+    from benchbase_plugins.datasets.mini import MiniDataset
+
+    ds = MiniDataset(identities=2)
+    names = ds.identities()
+    assert names == P.heldout_names(2)
+    data = ds.load(names[0], 64)
+    assert data.set_A.shape == data.set_B.shape == data.set_C.shape == (4, 3, 64, 64)
+    flat = torch.cat([data.set_A, data.set_B, data.set_C]).flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(12) * 1e9).min() > 0  # no image repeats across sets
+    assert ds.prompts().instance == "a photo of sks person" and ds.prompts().class_ == "a photo of person"
+    from benchbase.errors import DataError
+
+    with pytest.raises(DataError, match="held-out"):
+        MiniDataset(identities=["train-00001"]).identities()
+    with pytest.raises(DataError, match="64 px"):
+        ds.load(names[0], 128)
+
+
+def test_sparse_embedding_tables_round_trip():
+    table = torch.nn.Embedding(1000, 8)
+    M.init_embedding(table, seed=7)
+    with torch.no_grad():
+        table.weight[[3, 500]] += 1.0  # "trained" rows
+    packed = M.pack_state({"token_embedding.weight": table.weight, "w": torch.ones(2)}, embed_seed=7)
+    assert packed["token_embedding.weight.rows"].tolist() == [3, 500]
+    back = M.unpack_state(packed, embed_seed=7)
+    assert torch.allclose(back["token_embedding.weight"], table.weight, atol=1e-3)
+    untouched = torch.ones(1000, dtype=torch.bool)
+    untouched[[3, 500]] = False
+    assert torch.equal(back["token_embedding.weight"][untouched], table.weight[untouched])  # bit-exact
+
+
+# --------------------------------------------------------------------------- shipped models
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    names = P.heldout_names(12)
+    images = [[P.render(P.identity(n), 5000 + k).image for k in range(3)] for n in names]
+    return names, images
+
+
+def test_shipped_weights_and_model_card():
+    assert M.weights_present() is None
+    info = M.world_info()
+    for stage in ("vae", "unet", "upscaler", "clip", "face", "detector"):
+        assert info["losses"][stage], stage
+    assert (M.weights_dir() / "MODEL_CARD.md").is_file()
+    assert sum(f.stat().st_size for f in M.weights_dir().glob("*.safetensors")) < 20e6
+
+
+def test_world_face_embedder_tells_heldout_people_apart(heldout):
+    from benchbase_plugins.metrics.faces import MiniDetector, MiniEmbedder
+
+    names, images = heldout
+    emb, det = MiniEmbedder(), MiniDetector()
+    x = _as_tensor([im for per in images for im in per])
+    faces = det.detect(x)
+    assert sum(bool(f) for f in faces) >= 0.9 * len(x)
+    e = np.stack([emb.embed(np.asarray(im), None) for per in images for im in per])
+    sim = e @ e.T
+    who = np.repeat(np.arange(len(names)), 3)
+    same = sim[(who[:, None] == who[None, :]) & ~np.eye(len(who), dtype=bool)]
+    diff = sim[who[:, None] != who[None, :]]
+    assert same.mean() > diff.mean() + 0.2
+
+
+def test_world_detector_rejects_backgrounds():
+    from benchbase_plugins.metrics.faces import MiniDetector
+
+    bgs = _as_tensor([P.background(s) for s in range(50_000, 50_032)])
+    assert sum(bool(f) for f in MiniDetector().detect(bgs)) <= 3
+
+
+def test_world_clip_matches_heldout_people_to_their_captions(heldout):
+    from benchbase_plugins.metrics.clip import load_open_clip
+
+    names, images = heldout
+    model, _, tokenizer = load_open_clip("mini", "")
+    mean = torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(M.CLIP_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image((_as_tensor([per[0] for per in images]) - mean) / std), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer([P.caption(P.identity(n)) for n in names])), dim=-1)
+    top1 = (img @ txt.T).argmax(1).eq(torch.arange(len(names))).float().mean().item()
+    assert top1 >= 3 / len(names)  # chance is 1/12
+    person = model.encode_text(tokenizer(["a photo of person"]))
+    wall = model.encode_text(tokenizer(["a photo of a grey plain wall"]))
+    to_person = (img @ torch.nn.functional.normalize(person, dim=-1).T).mean()
+    to_wall = (img @ torch.nn.functional.normalize(wall, dim=-1).T).mean()
+    assert to_person > to_wall
+
+
+def test_upscaler_reparametrisation_is_exact(tmp_path):
+    """diffusers forces 0.08333 on the upscaler's VAE: the rescaled copy decodes the same images."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    M.build_upscaler_folder(tmp_path)
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(tmp_path)
+    base = M._vae(M.weights_dir())
+    x = _as_tensor([P.render(P.identity("heldout-000"), 1).image]) * 2 - 1
+    with torch.no_grad():
+        z = base.encode(x).latent_dist.mean * base.config.scaling_factor
+        z2 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        a = base.decode(z / base.config.scaling_factor).sample
+        b = pipe.vae.decode(z2 / pipe.vae.config.scaling_factor).sample
+    assert pipe.vae.config.scaling_factor == M.UPSCALER_SCALING
+    assert torch.allclose(z, z2, atol=1e-4) and torch.allclose(a, b, atol=1e-4)
+
+
+def test_mini_backend_generates_portraits_the_world_detects():
+    from benchbase_plugins.backends.stable_diffusion import MiniBackend
+    from benchbase_plugins.metrics.faces import MiniDetector
+    from benchbase_plugins.personalizers.dreambooth import generate_images
+
+    backend = MiniBackend()
+    assert backend.fingerprint().startswith("mini-") and backend.face_models == "mini"
+    models = backend.load(torch.device("cpu"), torch.float32)
+    images = generate_images(models, "a photo of person", 8, steps=20, guidance=7.5, seed=0)
+    assert images.shape == (8, 3, 64, 64)
+    # the trained world draws people its detector finds (a random-weight model: none)
+    assert sum(bool(f) for f in MiniDetector().detect(images)) >= 4
+
+
+def test_face_metrics_pick_the_world_models_on_the_mini_backend():
+    from benchbase_plugins.backends.stable_diffusion import MiniBackend, TinyBackend
+    from benchbase_plugins.metrics.faces import resolve
+
+    assert resolve("detector", "auto", MiniBackend()) == "mini"
+    assert resolve("embedder", "auto", MiniBackend()) == "mini"
+    assert resolve("detector", "auto", TinyBackend()) == "mtcnn"
+    assert resolve("embedder", "dlib", MiniBackend()) == "dlib"
+
+
+def test_default_suite_is_the_mini_world_with_a_cell_filter():
+    from benchbase.suite import load_suite
+
+    suite = load_suite(None)
+    assert suite.name == "mini" and suite.backend.name == "mini" and suite.dataset.name == "mini"
+    assert suite.n_cells == 7  # 6 DreamBooth cells + the un-personalised base model
+
+
+def test_train_script_runs_end_to_end_at_a_tiny_scale(tmp_path):
+    """Every stage of `benchbase train-mini` at 1/500 of its steps: files load, card written."""
+    from benchbase.mini.train import main
+
+    out = tmp_path / "weights"
+    assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--scale", "0.002",
+                 "--identities", "6"]) == 0
+    assert M.weights_present(out) is None and (out / "MODEL_CARD.md").is_file()
+    info = M.world_info(out)
+    assert info["stages_done"] == ["data", "vae", "unet", "upscaler", "clip", "face"]
+    # a second call finds everything done and does no work
+    assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--scale", "0.002", "--identities", "6"]) == 0
+    assert M.world_info(out)["seconds"] == info["seconds"]
