@@ -245,7 +245,13 @@ def test_stopped_driver_resumes_from_the_store(local_ray, tmp_path, monkeypatch)
         info = json.loads((run_dir / "run.json").read_text())
         assert info["status"] == "running" and info["executor"]["stages"]["total"] == 3
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=90)[0]
+        try:
+            out = proc.communicate(timeout=90)[0]
+        except subprocess.TimeoutExpired:
+            # on a loaded 2-core machine the first Ctrl-C was once not acted on within 90 s (a
+            # signal landing inside Ray's C++ calls); a user presses it again, so does the test
+            proc.send_signal(signal.SIGINT)
+            out = proc.communicate(timeout=90)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
