@@ -225,12 +225,17 @@ def _cells_filter(rules: Any, lists: dict, source: str) -> list[dict[str, str]] 
         raise ConfigError(f"{source}: `cells` must be a non-empty list of tables like {{ attack = \"aspl\" }}")
     known = _labels(lists)
     for i, rule in enumerate(rules):
-        for k, v in rule.items():
-            if k not in CELL_KEYS:
-                raise ConfigError(f"{source}: cells[{i}] has unknown key {k!r}; keys: {', '.join(CELL_KEYS)}")
-            if v not in known[k]:
-                raise ConfigError(f"{source}: cells[{i}]: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
+        _check_cell(rule, known, f"{source}: cells[{i}]")
     return [{k: str(v) for k, v in r.items()} for r in rules]
+
+
+def _check_cell(selector: dict, known: dict[str, list[str]], where: str) -> None:
+    """A cell selector names only cell keys, and only labels the suite has."""
+    for k, v in selector.items():
+        if k not in CELL_KEYS:
+            raise ConfigError(f"{where} has unknown key {k!r}; keys: {', '.join(CELL_KEYS)}")
+        if v not in known[k]:
+            raise ConfigError(f"{where}: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
 
 
 def builtin_suites() -> dict[str, str]:
@@ -277,7 +282,8 @@ def contrasts_of(data: dict, lists: dict | None = None, source: str = "<suite>")
     if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
         raise ConfigError(f"{source}: `contrasts` must be a list of tables")
     if lists is None:
-        lists = {fam: parse_suite({**data, "contrasts": None}).__dict__[fam] for fam in CELL_KEYS.values()}
+        suite = parse_suite({**data, "contrasts": None})
+        lists = {fam: getattr(suite, fam) for fam in CELL_KEYS.values()}
     known = _labels(lists)
     defaults = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": known["personalizer"][0]}
     out = []
@@ -294,12 +300,9 @@ def contrasts_of(data: dict, lists: dict | None = None, source: str = "<suite>")
             if side not in c:
                 continue
             sel = c[side]
-            if not isinstance(sel, dict) or set(sel) - set(CELL_KEYS):
+            if not isinstance(sel, dict):
                 raise ConfigError(f"{where}.{side} must be a table with keys from {', '.join(CELL_KEYS)}")
-            full = {**defaults, **{k: str(v) for k, v in sel.items()}}
-            for k, v in full.items():
-                if v not in known[k]:
-                    raise ConfigError(f"{where}.{side}: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
-            item[side] = full
+            item[side] = {**defaults, **{k: str(v) for k, v in sel.items()}}
+            _check_cell(item[side], known, f"{where}.{side}")  # the defaults must exist too
         out.append(item)
     return out

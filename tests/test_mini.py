@@ -11,7 +11,9 @@ from benchbase.mini import portraits as P
 
 
 def _as_tensor(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in images])
+    from benchbase.images import from_uint8
+
+    return from_uint8(np.stack([np.asarray(im) for im in images]))
 
 
 # --------------------------------------------------------------------------- the world
@@ -136,7 +138,7 @@ def test_upscaler_reparametrisation_is_exact(tmp_path):
 
     M.build_upscaler_folder(tmp_path)
     pipe = StableDiffusionUpscalePipeline.from_pretrained(tmp_path)
-    base = M._vae(M.weights_dir())
+    base = M.load_vae(M.weights_dir())
     x = _as_tensor([P.render(P.identity("heldout-000"), 1).image]) * 2 - 1
     with torch.no_grad():
         z = base.encode(x).latent_dist.mean * base.config.scaling_factor

@@ -297,15 +297,24 @@ def fingerprint(folder: Path | None = None) -> str:
     return _weights_digest(folder, stamp)
 
 
-def _tokenizer_and_text_encoder(folder: Path, tmp: Path):
-    info = world_info(folder)
-    tokenizer = build_clip_tokenizer(tmp / "_tok")
+def clip_tokenizer():
+    """The CLIP BPE tokenizer (its vocabulary files only live while it is built)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(Path(tmp))
+
+
+def load_text_encoder(folder: Path, tokenizer=None):
+    """(tokenizer, text encoder) with the weights in ``folder``."""
+    tokenizer = tokenizer or clip_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
-    text_encoder.load_state_dict(load_weights(folder / "text_encoder.safetensors", info["seeds"]["text_embedding"]))
+    seed = world_info(folder)["seeds"]["text_embedding"]
+    text_encoder.load_state_dict(load_weights(folder / "text_encoder.safetensors", seed))
     return tokenizer, text_encoder
 
 
-def _vae(folder: Path):
+def load_vae(folder: Path):
     info = world_info(folder)
     vae = build_vae(info["vae_scaling_factor"])
     vae.load_state_dict(load_weights(folder / "vae.safetensors"))
@@ -314,32 +323,27 @@ def _vae(folder: Path):
 
 def build_pipeline_folder(tmp: Path, folder: Path | None = None) -> None:
     """Write the mini Stable Diffusion pipeline as a diffusers folder (read by ``load_sd``)."""
-    import shutil
-
     from diffusers import StableDiffusionPipeline
 
     folder = folder or weights_dir()
-    tokenizer, text_encoder = _tokenizer_and_text_encoder(folder, tmp)
+    tokenizer, text_encoder = load_text_encoder(folder)
     unet = build_unet()
     unet.load_state_dict(load_weights(folder / "unet.safetensors"))
-    pipe = StableDiffusionPipeline(vae=_vae(folder), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=load_vae(folder), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(tmp)
-    shutil.rmtree(tmp / "_tok", ignore_errors=True)
 
 
 def build_upscaler_folder(tmp: Path, folder: Path | None = None) -> None:
     """The world's x4 upscaler as a ``StableDiffusionUpscalePipeline`` folder."""
-    import shutil
-
     from diffusers import StableDiffusionUpscalePipeline
 
     folder = folder or weights_dir()
-    tokenizer, text_encoder = _tokenizer_and_text_encoder(folder, tmp)
+    tokenizer, text_encoder = load_text_encoder(folder)
     unet = build_upscaler_unet()
     unet.load_state_dict(load_weights(folder / "upscaler.safetensors"))
-    vae = _vae(folder)
+    vae = load_vae(folder)
     # StableDiffusionUpscalePipeline forces the VAE's scaling factor to 0.08333 (the real
     # upscaler's). Reparametrise the latent space exactly instead: latents k times larger
     # (encoder's mean ×k, log-variance +2 ln k; decoder input ÷k) so 0.08333 · z' = s · z.
@@ -357,7 +361,6 @@ def build_upscaler_folder(tmp: Path, folder: Path | None = None) -> None:
                                           unet=unet, low_res_scheduler=low_res, scheduler=scheduler,
                                           max_noise_level=350)
     pipe.save_pretrained(tmp)
-    shutil.rmtree(tmp / "_tok", ignore_errors=True)
 
 
 def ensure_folder(kind: str) -> Path:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchbase.images import from_uint8
 from benchbase.mini import models as M
 from benchbase.mini import portraits as P
 
@@ -102,8 +102,7 @@ class Trainer:
         self.info.setdefault("losses", {})
         self.info.setdefault("eval", {})
         self._data = None
-        tok_dir = Path(tempfile.mkdtemp(prefix="benchbase-mini-tok-"))
-        self.tokenizer = M.build_clip_tokenizer(tok_dir)
+        self.tokenizer = M.clip_tokenizer()
 
     # ------------------------------------------------------------------ bookkeeping
     def save_info(self) -> None:
@@ -200,7 +199,7 @@ class Trainer:
     @staticmethod
     def to_float(u8: np.ndarray) -> torch.Tensor:
         # contiguous: channels-last views crash some CPU conv backward kernels
-        return (torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0).contiguous()
+        return from_uint8(u8).contiguous()
 
     def batch_idx(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, n, (size,), generator=gen)
@@ -247,9 +246,7 @@ class Trainer:
         M.save_weights(self.out / "vae.safetensors", vae.state_dict())
 
     def load_vae(self):
-        vae = M.build_vae(self.info["vae_scaling_factor"])
-        vae.load_state_dict(M.load_weights(self.out / "vae.safetensors"))
-        return vae.eval().requires_grad_(False)
+        return M.load_vae(self.out).eval().requires_grad_(False)
 
     def latents(self) -> torch.Tensor:
         path = self.work / "latents.pt"
@@ -312,9 +309,7 @@ class Trainer:
         M.save_weights(self.out / "unet.safetensors", unet.state_dict())
 
     def load_text_encoder(self):
-        te = M.build_text_encoder(self.tokenizer)
-        te.load_state_dict(M.load_weights(self.out / "text_encoder.safetensors", SEEDS["text_embedding"]))
-        return te.eval().requires_grad_(False)
+        return M.load_text_encoder(self.out, self.tokenizer)[1].eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ x4 upscaler
     def stage_upscaler(self) -> None:

@@ -209,11 +209,6 @@ class MiniDetector:
         return weights_present()
 
     @torch.no_grad()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        x = _mini_input(images)
-        return torch.sigmoid(self.net(x)[0])
-
-    @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[list[Face]]:
         x = _mini_input(images)
         logit, box, lm = self.net(x)
@@ -428,8 +423,9 @@ class MiniEmbedder:
 
     @torch.no_grad()
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-        return self.net(_mini_input(x))[0].double().numpy()
+        from benchbase.images import from_uint8
+
+        return self.net(_mini_input(from_uint8(image[None])))[0].double().numpy()
 
 
 EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder,
