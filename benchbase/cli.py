@@ -223,6 +223,6 @@ if __name__ == "__main__":
 @click.pass_context
 def train_mini(ctx):
     """Train the benchbase-mini world's models (see `benchbase train-mini --help`)."""
-    from benchbase.mini.train import main as train_main
+    from benchbase_plugins.worlds.mini.train import main as train_main
 
     raise SystemExit(train_main(list(ctx.args)))

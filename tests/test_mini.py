@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchbase.mini import models as M
-from benchbase.mini import portraits as P
+from benchbase_plugins.worlds.mini import models as M
+from benchbase_plugins.worlds.mini import portraits as P
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -39,7 +39,7 @@ def test_heldout_identities_never_share_attributes_with_training():
 
 
 def test_mini_dataset_sets_are_disjoint_photos_of_one_person():
-    from benchbase_plugins.datasets.mini import MiniDataset
+    from benchbase_plugins.worlds.mini.dataset import MiniDataset
 
     ds = MiniDataset(identities=2)
     names = ds.identities()
@@ -150,7 +150,7 @@ def test_upscaler_reparametrisation_is_exact(tmp_path):
 
 
 def test_mini_backend_generates_portraits_the_world_detects():
-    from benchbase_plugins.backends.stable_diffusion import MiniBackend
+    from benchbase_plugins.worlds.mini.backend import MiniBackend
     from benchbase_plugins.metrics.faces import MiniDetector
     from benchbase_plugins.personalizers.dreambooth import generate_images
 
@@ -164,7 +164,8 @@ def test_mini_backend_generates_portraits_the_world_detects():
 
 
 def test_face_metrics_pick_the_world_models_on_the_mini_backend():
-    from benchbase_plugins.backends.stable_diffusion import MiniBackend, TinyBackend
+    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+    from benchbase_plugins.worlds.mini.backend import MiniBackend
     from benchbase_plugins.metrics.faces import resolve
 
     assert resolve("detector", "auto", MiniBackend()) == "mini"
@@ -183,7 +184,7 @@ def test_default_suite_is_the_mini_world_with_a_cell_filter():
 
 def test_train_script_runs_end_to_end_at_a_tiny_scale(tmp_path):
     """Every stage of `benchbase train-mini` at 1/500 of its steps: files load, card written."""
-    from benchbase.mini.train import main
+    from benchbase_plugins.worlds.mini.train import main
 
     out = tmp_path / "weights"
     assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--scale", "0.002",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 
 from benchbase.components import Backend, Params
-from benchbase.errors import WeightsUnavailableError
 from benchbase.models.sd import SDModels, load_sd
 
 
@@ -85,32 +84,3 @@ class TinyBackend(Backend):
     def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
         return load_sd(str(self.folder()), device, dtype, self.params.resolution)
 
-
-class MiniBackend(Backend):
-    """benchbase-mini: a trained miniature Stable Diffusion (64 px, x4 VAE, 16×16 latents)
-    whose weights ship with benchbase (``benchbase/mini``; ``benchbase train-mini`` rebuilds
-    them). Trained on procedural portraits of ``train-*`` identities; the ``mini`` dataset's
-    held-out identities were never seen. Face metrics with ``"auto"`` models use the world's
-    own face detector and embedder on this backend.
-    """
-
-    face_models: ClassVar[str | None] = "mini"
-
-    class Params(Params):
-        resolution: Literal[64] = 64
-
-    def fingerprint(self) -> str:
-        from benchbase.mini.models import fingerprint, weights_present
-
-        missing = weights_present()
-        if missing:
-            raise WeightsUnavailableError(missing)
-        return f"mini-{fingerprint()}"
-
-    def describe(self) -> str:
-        return "benchbase-mini (trained 64-px world, weights shipped with benchbase)"
-
-    def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
-        from benchbase.mini.models import ensure_folder
-
-        return load_sd(str(ensure_folder("pipeline")), device, dtype, self.params.resolution)

@@ -26,7 +26,7 @@ def open_clip_available(model: str, pretrained: str | None) -> str | None:
     if model == TINY:
         return None
     if model == MINI:
-        from benchbase.mini.models import weights_present
+        from benchbase_plugins.worlds.mini.models import weights_present
 
         return weights_present()
     label = f"open_clip {model} ({pretrained})"
@@ -69,7 +69,7 @@ def load_open_clip(model: str, pretrained: str | None):
 
         return _tiny_clip.build()
     if model == MINI:
-        from benchbase.mini.models import load_clip
+        from benchbase_plugins.worlds.mini.models import load_clip
 
         return load_clip()
     message = open_clip_available(model, pretrained)

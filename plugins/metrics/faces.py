@@ -187,14 +187,14 @@ class RetinaFaceDetector:
 class MiniDetector:
     """The benchbase-mini world's face detector (its RetinaFace): a small ResNet trained on the
     world's portraits against backgrounds, patch-shuffled portraits and random blobs
-    (``benchbase.mini.train``). One face per image at most: a portrait when its probability
+    (``benchbase_plugins.worlds.mini.train``). One face per image at most: a portrait when its probability
     is ≥ ``threshold`` (0.5), with the regressed box and 5 landmarks. Only meaningful on
     64-px images of the mini world."""
 
     name: ClassVar[str] = "mini"
 
     def __init__(self, threshold: float = 0.5, device: str | torch.device = "cpu", **_):
-        from benchbase.mini.models import load_face_models
+        from benchbase_plugins.worlds.mini.models import load_face_models
 
         missing = self.available()
         if missing:
@@ -204,7 +204,7 @@ class MiniDetector:
 
     @classmethod
     def available(cls) -> str | None:
-        from benchbase.mini.models import weights_present
+        from benchbase_plugins.worlds.mini.models import weights_present
 
         return weights_present()
 
@@ -408,7 +408,7 @@ class MiniEmbedder:
     has_dropout: ClassVar[bool] = False
 
     def __init__(self, **_):
-        from benchbase.mini.models import load_face_models
+        from benchbase_plugins.worlds.mini.models import load_face_models
 
         missing = self.available()
         if missing:
@@ -417,7 +417,7 @@ class MiniEmbedder:
 
     @classmethod
     def available(cls) -> str | None:
-        from benchbase.mini.models import weights_present
+        from benchbase_plugins.worlds.mini.models import weights_present
 
         return weights_present()
 

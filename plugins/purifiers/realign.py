@@ -165,7 +165,7 @@ class ClipAlignment:
             register_tiny_clip()
             model, pretrained = TINY_CLIP_NAME, str(tiny_clip_checkpoint())
         if model == "mini":  # the benchbase-mini world's CLIP (weights ship with benchbase)
-            from benchbase.mini.models import CLIP_NAME, load_clip
+            from benchbase_plugins.worlds.mini.models import CLIP_NAME, load_clip
 
             self.model, pretrained = load_clip()[0], "benchbase-mini"
             model = CLIP_NAME

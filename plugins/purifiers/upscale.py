@@ -41,7 +41,7 @@ def load_upscaler(model: str, device: torch.device, dtype: torch.dtype):
 
         model = str(tiny_upscaler_folder())
     elif model == "mini":  # the benchbase-mini world's trained x4 upscaler (16 px -> 64 px)
-        from benchbase.mini.models import ensure_folder
+        from benchbase_plugins.worlds.mini.models import ensure_folder
 
         model = str(ensure_folder("upscaler"))
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from benchbase.images import from_uint8
-from benchbase.mini import models as M
-from benchbase.mini import portraits as P
+from benchbase_plugins.worlds.mini import models as M
+from benchbase_plugins.worlds.mini import portraits as P
 
 DEFAULTS = {
     "seed": 0,

@@ -1,7 +1,7 @@
 """The ``mini`` dataset: held-out identities of the benchbase-mini world.
 
 Identities ``heldout-000``, ``heldout-001``, … are procedural portraits
-(``benchbase.mini.portraits``) whose attributes were never in the world's training data.
+(``benchbase_plugins.worlds.mini.portraits``) whose attributes were never in the world's training data.
 set_A, set_B and set_C are 4 photographs each (by default) of the same person with
 different nuisances (pose, scale, lighting, background, clothing, expression), rendered
 with disjoint seeds, as the real protocol's three disjoint photo sets. Prompts use the
@@ -29,7 +29,7 @@ class MiniDataset(Dataset):
         identifier: str = "sks"
 
     def identities(self) -> list[str]:
-        from benchbase.mini.portraits import heldout_names
+        from .portraits import heldout_names
 
         ids = self.params.identities
         if isinstance(ids, int):
@@ -43,7 +43,7 @@ class MiniDataset(Dataset):
         return list(ids)
 
     def load(self, identity: str, resolution: int) -> IdentityData:
-        from benchbase.mini.portraits import SIZE, identity as make_identity, render
+        from .portraits import SIZE, identity as make_identity, render
 
         if resolution != SIZE:
             raise DataError(f"mini dataset: portraits are {SIZE} px; the backend wants {resolution} px "
@@ -60,7 +60,7 @@ class MiniDataset(Dataset):
         return IdentityData(name=identity, files=files, **sets)
 
     def fingerprint(self, identity: str) -> str:
-        from benchbase.mini.portraits import GENERATOR_VERSION
+        from .portraits import GENERATOR_VERSION
 
         p = self.params
         return hashlib.sha256(f"mini|{identity}|{p.images_per_set}|{p.seed}|{GENERATOR_VERSION}".encode()).hexdigest()[:16]

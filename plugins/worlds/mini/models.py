@@ -9,7 +9,7 @@ embedding, v-prediction) for ``realign``/``noisy-upscaling``, an open_clip ``CLI
 (the world's CLIP), a face embedder (the world's ArcFace) and a face detector (the world's
 RetinaFace).
 
-Weights ship as package data (``benchbase/mini/weights/*.safetensors``, float16) and are
+Weights ship as package data (``plugins/worlds/mini/weights/*.safetensors``, float16) and are
 written by ``benchbase train-mini``. Token-embedding tables are stored sparsely: rows that
 training never touched are left at their seeded initialisation (``init_embedding``) and are
 regenerated bit-exactly at load time, so the 49,408-row tables cost only the rows of words
@@ -49,7 +49,7 @@ UPSCALER_SCALING = 0.08333  # the SD x4 upscaler's latent scaling, which diffuse
 def weights_dir() -> Path:
     """The shipped weights, or ``$BENCHBASE_MINI_WEIGHTS`` (weights you trained elsewhere)."""
     override = os.environ.get("BENCHBASE_MINI_WEIGHTS")
-    return Path(override) if override else Path(str(resources.files("benchbase.mini") / "weights"))
+    return Path(override) if override else Path(str(resources.files(__package__) / "weights"))
 
 
 def weights_present(folder: Path | None = None) -> str | None:
