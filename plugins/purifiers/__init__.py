@@ -27,8 +27,9 @@ def register_purifiers(register):
              description="128 px then the SD x4 upscaler, 75 steps, CFG 9, noise_level 20 (DiffShortcut sr)")
     register("noisy-upscale", f"{_M}.upscale:NoisyUpscale", version="1",
              description="Gaussian noise sigma 0.1 then the SD x4 upscaler at noise level 320 (Noisy Upscaling)")
-    register("impress", f"{_M}.impress:IMPRESS", version="1",
-             description="IMPRESS VAE-consistency purification, 3000 Adam steps, LPIPS bound 0.1")
+    register("impress", f"{_M}.impress:IMPRESS", version="2",
+             description="IMPRESS VAE-consistency purification as released: one image at a time, float16, "
+                         "3000 Adam steps, LPIPS bound 0.1")
     register("realign", f"{_M}.realign:Realign", version="1",
              description="DiffShortcut realignment (face restorer hook + 128 px + x4 upscaler) "
                          "at the lightest strength that restores CLIP alignment")

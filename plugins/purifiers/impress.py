@@ -1,11 +1,12 @@
-"""IMPRESS (Cao et al., NeurIPS'23; AAAAAAsuka/Impress): purification by VAE consistency
-(algorithms.md §2.11)."""
+"""IMPRESS (Cao et al., NeurIPS'23; AAAAAAsuka/Impress): purification by VAE consistency."""
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from benchbase.components import Context, Params, Purifier
@@ -59,15 +60,29 @@ def load_lpips(kind: str, device: torch.device):
 
 
 class IMPRESS(Purifier):
-    """IMPRESS: starting from x_p = x_adv + N(0, 0.1²) (in [-1,1]), minimise
+    """IMPRESS (Cao et al., NeurIPS'23) as released: AAAAAAsuka/Impress ``impress.py``, called as
+    DiffShortcut's ``defenses/impress.py`` (and IMPRESS's ``glaze_pur.py``) call it.
+
+    Starting from x_p = x_adv + N(0, 0.1²) in [-1,1] (not clamped before the first step, as
+    released), minimise, for each image,
     ``MSE(D(E(x_p).mode()), x_p) + α·max(LPIPS_vgg(x_p, x_adv) − Δ, 0)`` with Adam (lr 0.01,
-    eps 1e-5), cosine annealing to 1e-5 over the iterations, clamping to [-1,1] after each
-    step. Defaults: 3000 iterations, Δ = 0.1, α = 0.1 (DiffShortcut's ``impress`` stage).
+    eps 1e-5), cosine annealing to 1e-5 over the iterations, clamping x_p to [-1,1] after each
+    step. Defaults: 3000 iterations, Δ = 0.1, α = 0.1, noise 0.1 (DiffShortcut's call).
+
+    One image at a time, as the reference: the loss of a batch is the **sum** of the
+    per-image losses, so every image follows its own single-image trajectory and the result
+    does not depend on ``batch_size`` (a mean over the batch would divide each image's
+    gradient by the batch size, and with gradients far below Adam's eps the step shrinks with
+    it). ``precision = "float16"`` (default) runs the VAE, x_p and Adam's state in half
+    precision as the release does (``.half()`` inputs, the VAE loaded in float16); LPIPS runs in
+    float32 on the promoted inputs, as the ``lpips`` package does with float16 inputs. Many
+    per-pixel Adam updates then fall below half a float16 ulp and round away (see
+    docs/purifiers.md). ``"float32"`` is the same algorithm without that rounding. Half
+    precision runs on CPU too, but tens of times slower than float32.
 
     ``vae``: ``"backend"`` (default) uses the backend's VAE (SD-2.1-base in the protocol, the
     VAE the reference uses), or a diffusers folder / hub id holding a ``vae/`` subfolder.
-    The reference runs fp16 and truncates to uint8 on save; this runs in ``ctx.dtype`` and
-    the core rounds.
+    The reference truncates to uint8 on save; the core rounds.
     """
 
     class Params(Params):
@@ -79,42 +94,51 @@ class IMPRESS(Purifier):
         init_noise: float = Field(0.1, ge=0)
         vae: str = "backend"
         lpips: Literal["vgg", "alex", "tiny"] = "vgg"
-        batch_size: int = Field(4, ge=1)
+        precision: Literal["float16", "float32"] = "float16"
+        batch_size: int = Field(1, ge=1, description="images optimised together (the reference: one)")
 
-    def _vae(self, ctx: Context):
+    def _vae(self, ctx: Context, dtype: torch.dtype):
         if self.params.vae == "backend":
-            return ctx.models().vae
+            vae = ctx.models().vae
+            # a private copy in the working precision: the backend's VAE is shared with other stages
+            return copy.deepcopy(vae).to(ctx.device, dtype) if vae.dtype != dtype else vae
         from diffusers import AutoencoderKL
 
         def load(path: str, local_only: bool):
             with quiet_diffusers():
                 return AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=local_only)
 
-        return load_pretrained("VAE", self.params.vae, load).to(ctx.device, ctx.dtype).requires_grad_(False).eval()
+        return load_pretrained("VAE", self.params.vae, load).to(ctx.device, dtype).requires_grad_(False).eval()
 
     def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
-        vae = self._vae(ctx)
+        dtype = torch.float16 if p.precision == "float16" else torch.float32
+        vae = self._vae(ctx, dtype)
         lpips = load_lpips(p.lpips, ctx.device)
+        # all the noise is drawn up front, so each image gets the same noise whatever the batching
+        noise = randn(images.shape, ctx) * p.init_noise
         outs, losses = [], []
         for start in range(0, len(images), p.batch_size):
-            x_adv = images[start:start + p.batch_size].to(ctx.device, torch.float32) * 2 - 1
-            x_p = (x_adv + randn(x_adv.shape, ctx) * p.init_noise).clamp(-1, 1).requires_grad_(True)
+            x_adv = (images[start:start + p.batch_size].to(ctx.device, torch.float32) * 2 - 1).to(dtype)
+            # the release adds float32 noise cast to half and does not clamp before the first step
+            x_p = (x_adv + noise[start:start + p.batch_size].to(dtype)).requires_grad_(True)
             opt = torch.optim.Adam([x_p], lr=p.lr, eps=1e-5)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.iterations, eta_min=p.lr_min)
             for _ in ctx.progress(range(p.iterations), desc="impress", leave=False):
                 with torch.enable_grad():
-                    recon = vae.decode(vae.encode(x_p.to(vae.dtype)).latent_dist.mode()).sample.float()
-                    consistency = (recon - x_p).pow(2).mean()
-                    hinge = (lpips(x_p, x_adv) - p.bound).clamp(min=0).mean()
-                    loss = consistency + p.weight * hinge
+                    recon = vae.decode(vae.encode(x_p).latent_dist.mode()).sample
+                    # LPIPS in float32: the lpips package promotes float16 inputs the same way
+                    dist = lpips(x_p.float(), x_adv.float()).flatten()
+                    per_image = [F.mse_loss(recon[i], x_p[i]) + p.weight * (dist[i] - p.bound).clamp(min=0)
+                                 for i in range(len(x_p))]
+                    loss = torch.stack(per_image).sum()  # a sum: each image keeps its own gradient
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 with torch.no_grad():
                     x_p.clamp_(-1, 1)
-            losses.append(float(loss.detach()))
-            outs.append(((x_p.detach() + 1) / 2).clamp(0, 1))
-        ctx.info.setdefault("impress", {})["final_loss"] = losses
+            losses += [round(float(v.detach()), 6) for v in per_image]
+            outs.append(((x_p.detach().float() + 1) / 2).clamp(0, 1))
+        ctx.info.setdefault("impress", {}).update({"final_loss": losses, "precision": p.precision})
         return torch.cat(outs).to(images.device, images.dtype)
