@@ -256,6 +256,12 @@ def test_unavailable_metrics_say_why(factory, empty_caches, astronaut, ctx):
     assert str(err.value) == message
 
 
+def test_liqe_defaults_to_the_authors_multitask_checkpoint(empty_caches):
+    assert quality.LIQE().params.checkpoint == "mix"
+    assert "liqe_mix.pt" in quality.LIQE().available()
+    assert "liqe_koniq.pt" in quality.LIQE(checkpoint="koniq").available()
+
+
 def test_clip_align_unavailable_without_weights(astronaut, ctx):
     metric = clip_metrics.CLIPAlignment(model="ViT-B-32", pretrained="openai")
     if metric.available() is None:

@@ -15,8 +15,8 @@ def register_metrics(register):
              description="SER-FIQ face quality, 100 dropout passes (needs FaceNet VGGFace2 weights)")
     register("brisque", f"{_M}.quality:BRISQUE", version="1",
              description="BRISQUE no-reference quality (brisque package, offline; pyiqa optional)")
-    register("liqe", f"{_M}.quality:LIQE", version="1",
-             description="LIQE quality in [1, 5] through pyiqa (needs its weights)")
+    register("liqe", f"{_M}.quality:LIQE", version="2",
+             description="LIQE quality in [1, 5] through pyiqa, the authors' multitask checkpoint (needs its weights)")
     register("clip-iqa", f"{_M}.quality:CLIPIQA", version="1",
              description="CLIP-IQA through pyiqa, or MetaCloak's CLIP-IQA-C good/bad face prompts via open_clip")
     register("clip-align", f"{_M}.clip:CLIPAlignment", version="1",

@@ -28,13 +28,14 @@ ImageSet = Literal["generated", "protected", "purified", "clean"]
 PYIQA_FILES = {
     "brisque": lambda: [pyiqa_cache() / "brisque_svm_weights.pth"],
     "liqe": lambda: [pyiqa_cache() / "liqe_koniq.pt", Path(torch.hub.get_dir()) / "clip" / "ViT-B-32.pt"],
+    "liqe_mix": lambda: [pyiqa_cache() / "liqe_mix.pt", Path(torch.hub.get_dir()) / "clip" / "ViT-B-32.pt"],
     "clipiqa": lambda: [Path(torch.hub.get_dir()) / "clip" / "RN50.pt"],
     "clipiqa+": lambda: [Path(torch.hub.get_dir()) / "clip" / "RN50.pt",
                          pyiqa_cache() / "CLIP-IQA+_learned_prompts-603f3273.pth"],
     "lpips": lambda: [pyiqa_cache() / "LPIPS_v0.1_alex-df73285e.pth",
                       Path(torch.hub.get_dir()) / "checkpoints" / "alexnet-owt-7be5be79.pth"],
 }
-_NEEDS_OPENAI_CLIP = {"liqe", "clipiqa", "clipiqa+"}
+_NEEDS_OPENAI_CLIP = {"liqe", "liqe_mix", "clipiqa", "clipiqa+"}
 
 
 def pyiqa_available(name: str) -> str | None:
@@ -123,9 +124,12 @@ class BRISQUE(Metric):
 
 
 class LIQE(Metric):
-    """LIQE (Zhang et al., CVPR'23) through pyiqa (KonIQ checkpoint, CLIP ViT-B/32): quality
-    ∈ [1, 5], higher = better, so lower favours the protector. MetaCloak/DiffShortcut use the
-    authors' checkpoint; pyiqa's default is its KonIQ-trained one.
+    """LIQE (Zhang et al., CVPR'23) through pyiqa: quality ∈ [1, 5], higher = better, so lower
+    favours the protector. ``checkpoint = "mix"`` (default) is the authors' multitask model
+    (quality, scene and distortion prompts; pyiqa ``liqe_mix``), the ``LIQE.pt`` that
+    MetaCloak's ``robust_facecloak/eval_score.py`` and DiffShortcut's README load through
+    ``LIQE/LIQE.py``; ``"koniq"`` is pyiqa's default single-task model trained on KonIQ
+    (``liqe``), which scores differently. Needs images of at least 224 px.
     """
 
     direction: ClassVar[str] = "lower"
@@ -133,14 +137,20 @@ class LIQE(Metric):
 
     class Params(Params):
         of: ImageSet = "generated"
+        checkpoint: Literal["mix", "koniq"] = "mix"
+
+    @property
+    def _pyiqa_name(self) -> str:
+        return "liqe_mix" if self.params.checkpoint == "mix" else "liqe"
 
     def available(self) -> str | None:
-        return pyiqa_available("liqe")
+        return pyiqa_available(self._pyiqa_name)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
         check(self.available)
-        per_group = {g: _pyiqa_scores("liqe", x, ctx.device) for g, x in image_groups(inputs, self.params.of).items()}
-        return aggregate(per_group, implementation="pyiqa liqe")
+        name = self._pyiqa_name
+        per_group = {g: _pyiqa_scores(name, x, ctx.device) for g, x in image_groups(inputs, self.params.of).items()}
+        return aggregate(per_group, implementation=f"pyiqa {name}", checkpoint=self.params.checkpoint)
 
 
 class CLIPIQA(Metric):
