@@ -123,6 +123,24 @@ def test_ism_same_person_beats_different_person(astronaut, hopper, noise, ctx):
     assert adb.details["reference_faces"] == 8
 
 
+def test_ism_no_face_conventions(astronaut, noise, ctx):
+    """Anti-DreamBooth drops images without a face; MetaCloak's deepface call embeds the whole
+    image instead, which scores them (low) and pulls the mean down."""
+    inputs = MetricInputs(generated={"p": torch.cat([astronaut.set_B, noise[:4]])}, references=astronaut.set_C)
+    drop = face_metrics.IdentityScoreMatching().score(inputs, ctx)
+    whole = face_metrics.IdentityScoreMatching(no_face="whole-image").score(inputs, ctx)
+    missing = drop.details["images_without_face"]
+    if missing == 0:
+        pytest.skip("MTCNN fired on every noise image")
+    assert drop.details["no_face"] == "drop" and whole.details["no_face"] == "whole-image"
+    assert whole.details["images_without_face"] == missing
+    assert drop.count == 8 - missing and whole.count == 8  # every image scored
+    faced = [v for v in drop.details["per_image"]["p"] if v is not None]
+    extra = [w for d, w in zip(drop.details["per_image"]["p"], whole.details["per_image"]["p"]) if d is None]
+    assert len(extra) == missing and max(extra) < min(faced)  # noise is far from the identity
+    assert whole.value < drop.value
+
+
 def test_ism_no_face_gives_nan_not_a_number(astronaut, noise, ctx):
     value = face_metrics.IdentityScoreMatching().score(
         MetricInputs(generated={"noise": noise[:2]}, references=astronaut.set_C[:2]), ctx)

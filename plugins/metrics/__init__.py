@@ -9,7 +9,7 @@ _M = "benchbase_plugins.metrics"
 def register_metrics(register):
     register("fdfr", f"{_M}.face_metrics:FaceDetectionFailureRate", version="1",
              description="face detection failure rate of generated images (MTCNN default, RetinaFace optional)")
-    register("ism", f"{_M}.face_metrics:IdentityScoreMatching", version="1",
+    register("ism", f"{_M}.face_metrics:IdentityScoreMatching", version="2",
              description="cosine of the largest generated face to the mean clean reference embedding (dlib default)")
     register("ser-fiq", f"{_M}.face_metrics:SERFIQ", version="1",
              description="SER-FIQ face quality, 100 dropout passes (needs FaceNet VGGFace2 weights)")

@@ -56,13 +56,21 @@ class FaceDetectionFailureRate(Metric):
         return value
 
 
-def _largest_face_embeddings(images: torch.Tensor, detector, embedder) -> list[np.ndarray | None]:
+def _largest_face_embeddings(images: torch.Tensor, detector, embedder,
+                             no_face: str = "drop") -> tuple[list[np.ndarray | None], int]:
+    """The embedding of the largest detected face of each image, and how many images had no
+    face. Without a face: ``None`` (``no_face = "drop"``) or the embedding of the whole image
+    (``"whole-image"``, what deepface does with ``enforce_detection=False``)."""
     arrays = to_uint8(images)
-    out = []
+    out, missing = [], 0
     for arr, found in zip(arrays, detector.detect(images)):
         face = faces.largest(found)
+        if face is None:
+            missing += 1
+            if no_face == "whole-image":
+                face = faces.whole_image(arr)
         out.append(None if face is None else embedder.embed(arr, face))
-    return out
+    return out, missing
 
 
 def _cosine(u: np.ndarray, v: np.ndarray) -> float:
@@ -73,11 +81,18 @@ class IdentityScoreMatching(Metric):
     """ISM (Anti-DreamBooth): cosine between the embedding of the largest face in each
     generated image and the mean embedding of the identity's clean reference faces.
 
-    Images without a face are excluded (they count in FDFR); the value is the mean over
-    scored images, per prompt and pooled. ``reference``: ``set_C`` (suite default,
-    algorithms.md §4.2, MetaCloak/DiffShortcut's reference set) or ``adb`` (set_A ∪ set_B
-    clean, Anti-DreamBooth's ``test.py``). Lower favours the protector. The paper's embedder
-    is ArcFace; the offline default is dlib's 128-d ResNet, whose numbers are on another scale.
+    ``no_face``: images in which the detector finds no face are excluded (``"drop"``, default:
+    Anti-DreamBooth ``evaluations/ism_fdfr.py`` skips them in ``matching_score_genimage_id``,
+    they count in FDFR only) or embedded whole (``"whole-image"``: MetaCloak
+    ``robust_facecloak/eval_score.py`` ``IMS_get_score`` calls deepface with
+    ``enforce_detection=False``, which embeds the whole image when no face is found, so such
+    images are scored and usually pull the value down; DiffShortcut ships the same
+    ``generic/modi_deepface.py``). The convention applies to the reference images too. The
+    value is the mean over scored images, per prompt and pooled. ``reference``: ``set_C``
+    (suite default, MetaCloak/DiffShortcut's reference set) or ``adb`` (set_A ∪ set_B clean,
+    Anti-DreamBooth's ``evaluations/test.py``). Lower favours the protector. The paper's
+    embedder is ArcFace; the offline default is dlib's 128-d ResNet, whose numbers are on
+    another scale.
     ``"auto"`` detector/embedder (default): MTCNN + dlib, or the world's own models on a
     backend that brings them (``mini``).
     """
@@ -90,6 +105,7 @@ class IdentityScoreMatching(Metric):
         detector: Literal["auto", "mtcnn", "retinaface", "mini"] = "auto"
         embedder: Literal["auto", "dlib", "arcface", "facenet-vggface2", "mini"] = "auto"
         reference: Literal["set_C", "adb"] = "set_C"
+        no_face: Literal["drop", "whole-image"] = "drop"
         of: Literal["generated", "protected", "purified"] = "generated"
 
     def available(self) -> str | None:
@@ -112,18 +128,21 @@ class IdentityScoreMatching(Metric):
         check(lambda: faces.detector_available(det_name) or faces.embedder_available(emb_name))
         detector = faces.get_detector(det_name, device=str(ctx.device))
         embedder = faces.get_embedder(emb_name)
-        ref_embs = [e for e in _largest_face_embeddings(self._references(inputs), detector, embedder) if e is not None]
+        no_face = self.params.no_face
+        refs, _ = _largest_face_embeddings(self._references(inputs), detector, embedder, no_face)
+        ref_embs = [e for e in refs if e is not None]
         if not ref_embs:  # ISM is undefined: say so rather than invent a value
             return MetricValue(value=float("nan"), count=0, details={
                 "reason": f"the {det_name} detector finds no face in any reference image",
-                "detector": det_name, "embedder": emb_name})
+                "detector": det_name, "embedder": emb_name, "no_face": no_face})
         centre = np.mean(ref_embs, axis=0)
-        per_group = {}
+        per_group, without_face = {}, 0
         for group, images in image_groups(inputs, self.params.of).items():
-            embs = _largest_face_embeddings(images, detector, embedder)
+            embs, missing = _largest_face_embeddings(images, detector, embedder, no_face)
+            without_face += missing
             per_group[group] = [None if e is None else _cosine(e, centre) for e in embs]
-        return aggregate(per_group, detector=det_name, embedder=emb_name,
-                         reference=self.params.reference, reference_faces=len(ref_embs))
+        return aggregate(per_group, detector=det_name, embedder=emb_name, reference=self.params.reference,
+                         reference_faces=len(ref_embs), no_face=no_face, images_without_face=without_face)
 
 
 def serfiq_quality(embeddings: np.ndarray, alpha: float = 130.0, r: float = 0.88) -> float:

@@ -47,6 +47,13 @@ class Face:
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
+def whole_image(image: np.ndarray) -> Face:
+    """The whole image as a face without landmarks (deepface's ``enforce_detection=False``
+    fallback when no face is detected)."""
+    h, w = image.shape[:2]
+    return Face((0.0, 0.0, float(w), float(h)), 0.0, None)
+
+
 def largest(faces: list[Face]) -> Face | None:
     """The face with the largest box (h·w), Anti-DreamBooth's choice among several detections."""
     return max(faces, key=lambda f: f.area) if faces else None
