@@ -13,4 +13,8 @@ $PIP install --quiet -e ".[all,dev]"
 # facenet-pytorch 2.6.0 pins torch<2.3 and numpy<2 in its metadata but works with current ones;
 # --no-deps keeps pip from downgrading (offline-stack.md §7.1). It ships MTCNN's weights.
 $PIP install --quiet --no-deps "facenet-pytorch==2.6.0"
+# realign's CodeFormer: the sczhou/CodeFormer code packaged as codeformer-pip (S-Lab License,
+# non-commercial); --no-deps because its requirements list training tools (tb-nightly, lmdb, ...)
+# that inference does not import. Its basicsr imports lpips at import time.
+$PIP install --quiet --no-deps "codeformer-pip==0.0.4" "lpips==0.1.4"
 .venv/bin/python -c "import benchbase, torch, diffusers, facenet_pytorch; print('benchbase', benchbase.__version__, '| torch', torch.__version__)"

@@ -4,6 +4,7 @@ the differentiable views."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from benchbase.errors import WeightsUnavailableError
 from benchbase.images import psnr, quantize
 from benchbase.plugins import get_plugin_manager
 from benchbase.testing import make_context, sample_identity
+from benchbase_plugins.purifiers._common import resize
 
 NAMES = ["none", "oracle", "jpeg", "blur", "resize", "diffpure", "pixel-diffpure", "gridpure", "sr",
          "noisy-upscale", "impress", "realign"]
@@ -24,9 +26,12 @@ TINY_PARAMS = {
     "sr": {"model": "tiny", "num_inference_steps": 2},
     "noisy-upscale": {"model": "tiny", "num_inference_steps": 2, "low_res": 128},
     "impress": {"iterations": 3, "lpips": "tiny"},  # float16, the release precision
-    "realign": {"model": "tiny", "num_inference_steps": 2, "clip_model": "tiny", "min_alignment": 0.07},
+    # CodeFormer's weights cannot exist here: the chain without it (its own tests are below)
+    "realign": {"model": "tiny", "num_inference_steps": 2, "restorer": "none"},
 }
-STOCHASTIC = {"diffpure", "pixel-diffpure", "gridpure", "sr", "noisy-upscale", "impress"}
+STOCHASTIC = {"diffpure", "pixel-diffpure", "gridpure", "sr", "noisy-upscale", "impress", "realign"}
+# realign's CLIP-guided strength on the tiny stand-ins
+GUIDED = {"clip_guided": True, "clip_model": "tiny", "min_alignment": 0.07}
 
 
 def create(name: str, **params):
@@ -114,7 +119,7 @@ def test_contract_shape_range_dtype_determinism(name, purifiers, tiny, identity)
     if name in STOCHASTIC:
         c = purifier.purify(x, ctx_for(tiny, identity, seed=2))
         assert not torch.equal(a, c), "the output must depend on ctx.generator"
-    if name not in ("none", "oracle", "realign"):
+    if name not in ("none", "oracle"):
         assert not torch.equal(a, x), "a purifier must change its input"
 
 
@@ -154,13 +159,122 @@ def test_tiny_clip_loads_its_checkpoint():
 # ---------------------------------------------------------------------------------------
 
 
+def test_realign_default_is_the_released_chain():
+    p = get_plugin_manager().create("purifiers", "realign", {}).params
+    assert (p.restorer, p.fidelity_weight, p.restorer_upscale) == ("codeformer", 0.5, 2)
+    assert (p.prompt, p.num_inference_steps, p.guidance_scale, p.noise_level, p.low_res) == \
+        ("A photo of a person", 75, 9.0, 20, 128)
+    assert p.clip_guided is False
+    # the gate of the CLIP-guided option never uses the model clip-align reports with
+    from benchbase_plugins.metrics.clip import CLIPAlignment
+
+    assert p.clip_model != CLIPAlignment().params.model
+
+
+class _Recorder:
+    """A stand-in restorer: records its input and returns a constant image twice the size."""
+
+    calls: list = []
+
+    def __init__(self, weights, ctx, upscale=2):
+        self.upscale = upscale
+
+    def restore(self, images, fidelity, ctx):
+        _Recorder.calls.append(("restore", tuple(images.shape), fidelity))
+        n, c, h, w = images.shape
+        return torch.full((n, c, h * self.upscale, w * self.upscale), 0.25)
+
+
+def test_realign_chain_order_on_stand_ins(tiny, identity, monkeypatch):
+    """Restorer on the full-size images first, then bicubic down to the low-res side of the
+    *input* (128 at 512 px, 16 at 64 px; not of the restorer's 2x output), then the upscaler
+    at noise level 20, back to the input size."""
+    from benchbase_plugins.purifiers import realign as realign_module
+
+    monkeypatch.setitem(realign_module.FACE_RESTORERS, "record", _Recorder)
+    seen = []
+    real_upscale = realign_module.upscale
+
+    def spy(pipe, low, ctx, prompt, negative, steps, guidance, noise_level, **kw):
+        seen.append((tuple(low.shape), float(low.mean()), prompt, noise_level))
+        return real_upscale(pipe, low, ctx, prompt, negative, steps, guidance, noise_level, **kw)
+
+    monkeypatch.setattr(realign_module, "upscale", spy)
+    _Recorder.calls.clear()
+    x = identity.set_B
+    ctx = ctx_for(tiny, identity)
+    out = create("realign", restorer="record").purify(x, ctx)
+    assert _Recorder.calls == [("restore", tuple(x.shape), 0.5)]
+    assert seen == [((len(x), 3, 16, 16), pytest.approx(0.25, abs=1 / 255), "A photo of a person", 20)]
+    assert out.shape == x.shape
+    assert ctx.info["realign"]["restorer"] == "record" and ctx.info["realign"]["fidelity_weight"] == 0.5
+
+
+def test_realign_without_codeformer_weights_says_where_to_put_them(tiny, identity, tmp_path):
+    from benchbase_plugins.purifiers.realign import CODEFORMER_INSTALL
+
+    with pytest.raises(WeightsUnavailableError) as err:
+        create("realign", restorer="codeformer", restorer_weights=str(tmp_path)).purify(identity.set_B[:1],
+                                                                                     ctx_for(tiny, identity))
+    message = str(err.value)
+    if "install" in message:
+        assert CODEFORMER_INSTALL in message
+    else:
+        assert "codeformer.pth" in message and str(tmp_path) in message
+
+
+@pytest.mark.slow
+def test_codeformer_loads_random_weights_and_pastes_faces_back(tmp_path, identity):
+    """The real loading path on random weights of the real architecture (CodeFormer, RetinaFace
+    R50, ParseNet saved as the release's files), then the helper's align/paste code with the
+    slow networks (minutes each on a CPU) replaced by stand-ins: a detector that reports one
+    face, an identity restorer and a parser that calls everything skin."""
+    pytest.importorskip("codeformer")
+    from codeformer.basicsr.archs.codeformer_arch import CodeFormer
+    from codeformer.facelib.detection.retinaface.retinaface import RetinaFace
+    from codeformer.facelib.parsing.parsenet import ParseNet
+
+    from benchbase_plugins.purifiers.realign import CodeFormerRestorer
+
+    torch.manual_seed(0)
+    net = CodeFormer(dim_embd=512, codebook_size=1024, n_head=8, n_layers=9, connect_list=["32", "64", "128", "256"])
+    torch.save({"params_ema": net.state_dict()}, tmp_path / "codeformer.pth")
+    det = RetinaFace(network_name="resnet50", half=False).state_dict()
+    torch.save({f"module.{k}": v for k, v in det.items()}, tmp_path / "detection_Resnet50_Final.pth")
+    from safetensors.torch import save_file
+
+    save_file(ParseNet(in_size=512, out_size=512, parsing_ch=19).state_dict(), tmp_path / "parsing_parsenet.safetensors")
+    restorer = CodeFormerRestorer(str(tmp_path), make_context())
+    loaded = restorer.net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    del net
+
+    # stand-ins for the forward passes: one face whose landmarks are the template's, scaled
+    # from the 512-px crop to the middle of the (512-px, upsized) input, at the 640-px detection size
+    template = restorer.helper.face_template / 2 + 128  # a 256-px face in the middle of 512
+    box = [128, 128, 384, 384]
+    restorer.helper.face_detector.detect_faces = lambda img, *a, **k: np.array(
+        [box + [0.99] + list(template.reshape(-1))], dtype=np.float32) * np.array([1.25] * 4 + [1] + [1.25] * 10)
+    restorer.net = lambda x, w, adain: (-torch.ones_like(x),)  # "restores" every face to black
+    skin = torch.zeros(1, 19, 512, 512)
+    skin[:, 1] = 1
+    restorer.helper.face_parse = lambda x: (skin, None)
+    x = identity.set_B[:1]  # 64 px: CodeFormer's helper upsizes it to 512, the output is 1024
+    out = restorer.restore(x, 0.5, make_context())
+    assert out.shape == (1, 3, 1024, 1024) and restorer.faces == [1]
+    centre, corner = out[..., 480:544, 480:544], out[..., :64, :64]
+    assert float(centre.max()) < 0.05  # the restored (black) face is pasted back
+    plain = resize(resize(x, 512, mode="bilinear"), 1024, mode="bilinear")
+    assert float((corner - plain[..., :64, :64]).abs().mean()) < 0.05  # the background is the upsampled input
+
+
 def test_realign_calibrates_on_class_images_and_records_alignment(tiny, identity):
-    realign = create("realign", min_alignment=None, calibration_images=2, calibration_steps=2)
+    realign = create("realign", **{**GUIDED, "min_alignment": None}, calibration_images=2, calibration_steps=2)
     ctx = ctx_for(tiny, identity)
     out = realign.purify(identity.set_B, ctx)
     info = ctx.info["realign"]
     n = len(identity.set_B)
-    assert info["calibration_images"] == 2
+    assert info["calibration_images"] == 2 and info["clip_guided"] and "gate_model" in info
     low, high = info["clean_range"]
     assert low <= high
     assert len(info["alignment_before"]) == len(info["alignment_after"]) == len(info["strength"]) == n
@@ -174,20 +288,17 @@ def test_realign_calibrates_on_class_images_and_records_alignment(tiny, identity
 
 def test_realign_picks_the_lightest_strength(tiny, identity):
     x = identity.set_B
+    guided = {k: v for k, v in GUIDED.items() if k != "min_alignment"}
     # every image already in range: nothing is purified
     ctx = ctx_for(tiny, identity)
-    out = create("realign", min_alignment=-1.0).purify(x, ctx)
+    out = create("realign", **guided, min_alignment=-1.0).purify(x, ctx)
     assert ctx.info["realign"]["strength"] == [0.0] * len(x) and torch.equal(out, x)
     # an unreachable range: the best-aligned candidate, never below the input's alignment
     ctx = ctx_for(tiny, identity)
-    create("realign", min_alignment=1.0).purify(x, ctx)
+    create("realign", **guided, min_alignment=1.0).purify(x, ctx)
     info = ctx.info["realign"]
     assert not any(info["in_range_after"])
     assert all(a >= b for a, b in zip(info["alignment_after"], info["alignment_before"]))
-    # the fixed paper chain: strength 0.5 is sr with noise level 20
-    ctx = ctx_for(tiny, identity)
-    create("realign", adaptive=False).purify(x, ctx)
-    assert ctx.info["realign"]["strength"] == [0.5] * len(x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,8 +402,8 @@ def test_chain_of_views_is_differentiable(identity):
 @pytest.mark.parametrize("name,params,needle", [
     ("sr", {"model": "stabilityai/stable-diffusion-x4-upscaler"}, "x4 upscaler"),
     ("pixel-diffpure", {"model": "/nonexistent/pixel-model"}, "pixel diffusion model"),
-    ("realign", {"clip_model": "ViT-B-32", "clip_pretrained": "/nonexistent/clip.pt"}, "open_clip ViT-B-32"),
-    ("realign", {"restorer": "codeformer", "adaptive": False}, "CodeFormer"),
+    ("realign", {**GUIDED, "clip_model": "ViT-B-32", "clip_pretrained": "/nonexistent/clip.pt"}, "open_clip ViT-B-32"),
+    ("realign", {"restorer": "codeformer"}, "CodeFormer"),
 ])
 def test_missing_weights_raise_one_clear_error(name, params, needle, tiny, identity):
     with pytest.raises(WeightsUnavailableError, match=needle):

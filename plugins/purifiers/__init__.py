@@ -30,6 +30,6 @@ def register_purifiers(register):
     register("impress", f"{_M}.impress:IMPRESS", version="2",
              description="IMPRESS VAE-consistency purification as released: one image at a time, float16, "
                          "3000 Adam steps, LPIPS bound 0.1")
-    register("realign", f"{_M}.realign:Realign", version="1",
-             description="DiffShortcut realignment (face restorer hook + 128 px + x4 upscaler) "
-                         "at the lightest strength that restores CLIP alignment")
+    register("realign", f"{_M}.realign:Realign", version="2",
+             description="DiffShortcut code-sr as released: CodeFormer w 0.5 on every image, 128 px, x4 upscaler "
+                         "(CLIP-guided strength as an option)")

@@ -1,23 +1,36 @@
-"""``realign``: DiffShortcut's realignment purifier (``code-sr``, diffshortcut.md §3) with an
-alignment-guided strength (suite extension, diffshortcut.md §5).
+"""``realign``: DiffShortcut's realignment purifier as released (``code-sr``), with an optional
+CLIP-guided strength (a benchbase extension, off by default).
 
-Chain at strength s ∈ (0, 1]: optional face restoration (CodeFormer fidelity w = 1 − s, or
-GFPGAN blend weight s), then PIL bicubic down to 128 px and the SD x4 upscaler conditioned
-on noise level 2·s·20 — so s = 0.5 is exactly the paper's chain (CodeFormer w = 0.5, then
-``sr`` with noise_level 20) and s = 0 is the identity.
+The released chain (liuyixin-louis/DiffShortcut ``README.md`` "Simple Purification Code",
+``scripts/sub/defense/code.sh`` then ``sr.sh``), applied to every image:
 
-Beyond the paper: the image–prompt alignment A(x) = cos(f_I(x), f_T("a photo of a
-<class>")) of an open_clip model is measured before and after; the clean range is
-calibrated on the backend's own class images (the prior-preservation images DreamBooth
-generates anyway), and each image gets the lightest strength whose output lies in that
-range (A ≥ the calibration quantile), so clean content is not over-purified. When no
-strength reaches the range, the strength with the highest alignment is used. Alignment
-before/after, the chosen strengths and the range go to ``ctx.info["realign"]``.
+1. CodeFormer (sczhou/CodeFormer ``inference_codeformer.py`` at the commit the repository pins,
+   8392d03, run with ``-w 0.5`` and every other flag at its default): RetinaFace-ResNet50
+   detection on the image resized to 640 px, 5-landmark alignment to 512-px crops, CodeFormer
+   with fidelity w = 0.5, ParseNet face mask, paste back into the input upsampled x2
+   (bilinear; images under 512 px are first resized up to 512), no background upsampler;
+   the result is saved as an 8-bit PNG;
+2. ``defenses/sr.py``: PIL bicubic down to 128x128 px, then the SD x4 upscaler with prompt
+   "A photo of a person" and its pipeline defaults: 75 steps, guidance 9, noise level 20.
+
+CodeFormer comes from the ``codeformer-pip`` package (that repository's ``basicsr`` and
+``facelib`` code, unchanged); benchbase only loads its weights (with ``weights_only``) and
+runs the loop of ``inference_codeformer.py``.
+
+The CLIP-guided strength (``clip_guided = true``) is not DiffShortcut's method: the
+image–prompt alignment A(x) = cos(f_I(x), f_T("a photo of a <class>")) of an open_clip model
+is calibrated on the backend's class images, and each image gets the lightest strength s
+whose output reaches the clean range (s = 0 leaves it unpurified; s = 0.5 is the released
+chain: CodeFormer w = 1 − s, upscaler noise level 2·s·20). Its gate model defaults to
+OpenAI ViT-L/14, not the ViT-B/32 that ``clip-align`` reports with, so the metric does not
+score the very quantity the gate optimised; ``ctx.info["realign"]["gate_model"]`` records it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,7 +42,7 @@ from benchbase.errors import ConfigError, WeightsUnavailableError
 from benchbase.images import from_uint8, to_uint8
 
 from ._common import resize
-from .upscale import UPSCALER, SuperResolution
+from .upscale import UPSCALER, SuperResolution, pil_resize, upscale
 
 # ---------------------------------------------------------------------------------------
 # Face restorers: a protocol and a registry
@@ -37,17 +50,19 @@ from .upscale import UPSCALER, SuperResolution
 
 
 class FaceRestorer(Protocol):
-    """Restores faces in [0,1] NCHW images; ``strength`` ∈ [0,1], 0 = leave as is."""
+    """Restores the faces of [0,1] NCHW images. ``fidelity`` ∈ [0,1] is CodeFormer's w
+    (1 keeps the input face, 0 restores most). Returns [0,1] 8-bit-valued images at the
+    restorer's output size (CodeFormer: ``restorer_upscale`` times the input)."""
 
-    def restore(self, images: torch.Tensor, strength: float, ctx: Context) -> torch.Tensor: ...
+    def restore(self, images: torch.Tensor, fidelity: float, ctx: Context) -> torch.Tensor: ...
 
 
-FACE_RESTORERS: dict[str, Callable[[str | None, Context], FaceRestorer]] = {}
+FACE_RESTORERS: dict[str, Callable[..., FaceRestorer]] = {}
 
 
-def register_face_restorer(name: str, factory: Callable[[str | None, Context], FaceRestorer]) -> None:
+def register_face_restorer(name: str, factory: Callable[..., FaceRestorer]) -> None:
     """Make a restorer available to ``realign`` as ``restorer = "<name>"``; ``factory(weights,
-    ctx)`` builds it (``weights``: the ``restorer_weights`` parameter, a local file)."""
+    ctx, upscale=...)`` builds it (``weights``: the ``restorer_weights`` parameter)."""
     FACE_RESTORERS[name] = factory
 
 
@@ -56,86 +71,163 @@ def _bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
 
 
 def _from_bgr(arrays: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
-    out = from_uint8(np.stack([a[..., ::-1] for a in arrays]))
-    return resize(out, like.shape[-2:]).clamp(0, 1).to(like.device, like.dtype)
+    return from_uint8(np.stack([a[..., ::-1] for a in arrays])).to(like.device, like.dtype)
+
+
+def load_state_dict(path: Path) -> dict:
+    """A state dict from ``.safetensors`` or a ``torch.save`` file, never executing pickled code."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+#: the files of sczhou/CodeFormer's v0.1.0 release that ``inference_codeformer.py`` downloads
+CODEFORMER_FILES = {"net": "codeformer", "detector": "detection_Resnet50_Final", "parser": "parsing_parsenet"}
+CODEFORMER_INSTALL = "pip install --no-deps codeformer-pip==0.0.4 lpips==0.1.4"
+
+
+def codeformer_folder(weights: str | None) -> Path:
+    """Where CodeFormer's three weight files are looked up: ``restorer_weights`` or
+    ``$TORCH_HOME/hub/codeformer``."""
+    return Path(weights).expanduser() if weights else Path(torch.hub.get_dir()) / "codeformer"
+
+
+def _weight_file(folder: Path, stem: str) -> Path | None:
+    for suffix in (".safetensors", ".pth"):
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    return None
+
+
+def codeformer_available(weights: str | None = None) -> str | None:
+    try:
+        import codeformer.facelib.utils.face_restoration_helper  # noqa: F401
+    except ImportError:
+        return (f"unavailable: CodeFormer — install the sczhou/CodeFormer code: {CODEFORMER_INSTALL} "
+                "(S-Lab License 1.0, non-commercial)")
+    folder = codeformer_folder(weights)
+    missing = [f"{stem}.pth" for stem in CODEFORMER_FILES.values() if _weight_file(folder, stem) is None]
+    if missing:
+        return (f"unavailable: CodeFormer weights — put {', '.join(missing)} (sczhou/CodeFormer release v0.1.0) "
+                f"in {folder} (or set `restorer_weights` to their folder)")
+    return None
+
+
+@contextlib.contextmanager
+def _swapped(module, **names):
+    """Temporarily replace module-level names (CodeFormer's helper builds its detector and
+    parser through download functions; here they come from the files benchbase loaded)."""
+    old = {k: getattr(module, k) for k in names}
+    for k, v in names.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
 
 
 class CodeFormerRestorer:
-    """CodeFormer (Zhou et al., NeurIPS'22), sczhou/CodeFormer ``inference_codeformer.py``
-    defaults: RetinaFace-ResNet50 detection, 512-px aligned crops, fidelity w, paste back,
-    no background upsampler. Needs the CodeFormer repository importable (its ``basicsr``
-    registers the ``CodeFormer`` architecture), facexlib, and ``codeformer.pth``
-    (S-Lab License 1.0, non-commercial)."""
+    """CodeFormer (Zhou et al., NeurIPS'22) as sczhou/CodeFormer ``inference_codeformer.py``
+    runs it by default: RetinaFace-ResNet50 on the image resized to 640 px (faces with an
+    eye distance under 5 px dropped), 512-px aligned crops, the network at fidelity w with
+    AdaIN, ParseNet mask, paste back at ``upscale`` (2) times the input, no background
+    upsampler. The code is the ``codeformer-pip`` package's copy of that repository; the
+    three weight files are loaded from ``restorer_weights`` (S-Lab License 1.0, non-commercial)."""
 
-    def __init__(self, weights: str | None, ctx: Context):
-        if not weights:
-            raise WeightsUnavailableError(
-                "CodeFormer weights are not bundled: download codeformer.pth from the sczhou/CodeFormer releases "
-                "and set `restorer_weights` to its path (with the CodeFormer repository on PYTHONPATH).")
+    def __init__(self, weights: str | None, ctx: Context, upscale: int = 2):
+        missing = codeformer_available(weights)
+        if missing:
+            raise WeightsUnavailableError(missing)
+        from codeformer.basicsr.archs.codeformer_arch import CodeFormer
+        from codeformer.facelib.detection.retinaface.retinaface import RetinaFace
+        from codeformer.facelib.detection.retinaface.retinaface import device as facelib_device
+        from codeformer.facelib.parsing.parsenet import ParseNet
+        from codeformer.facelib.utils import face_restoration_helper as helper_module
+
+        folder = codeformer_folder(weights)
+        files = {k: _weight_file(folder, stem) for k, stem in CODEFORMER_FILES.items()}
         try:
-            from basicsr.utils.registry import ARCH_REGISTRY  # type: ignore
-            from facexlib.utils.face_restoration_helper import FaceRestoreHelper  # type: ignore
-
-            net = ARCH_REGISTRY.get("CodeFormer")(dim_embd=512, codebook_size=1024, n_head=8, n_layers=9,
-                                                  connect_list=["32", "64", "128", "256"])
-            state = torch.load(weights, map_location="cpu")
+            state = load_state_dict(files["net"])
+            net = CodeFormer(dim_embd=512, codebook_size=1024, n_head=8, n_layers=9,
+                             connect_list=["32", "64", "128", "256"])
             net.load_state_dict(state.get("params_ema", state))
-        except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
+            detector = RetinaFace(network_name="resnet50", half=False)
+            det_state = load_state_dict(files["detector"])
+            detector.load_state_dict({k.removeprefix("module."): v for k, v in det_state.items()}, strict=True)
+            parser = ParseNet(in_size=512, out_size=512, parsing_ch=19)
+            parser.load_state_dict(load_state_dict(files["parser"]), strict=True)
+        except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: say which)
             raise WeightsUnavailableError(
-                f"CodeFormer could not be loaded from {weights!r} ({type(exc).__name__}: {exc}); put the "
-                "sczhou/CodeFormer repository on PYTHONPATH and point `restorer_weights` at codeformer.pth.") from None
-        self.net = net.to(ctx.device).eval()
-        self.helper_cls = FaceRestoreHelper
-        self.device = ctx.device
+                f"unavailable: CodeFormer weights — the files in {folder} do not load "
+                f"({type(exc).__name__}: {str(exc)[:200]}); put the sczhou/CodeFormer v0.1.0 files there") from None
+        # facelib's RetinaFace moves its inputs to a device it picks at import time
+        self.device = torch.device(facelib_device)
+        self.net = net.to(self.device).eval()
+        detector, parser = detector.to(self.device).eval(), parser.to(self.device).eval()
+        with _swapped(helper_module, init_detection_model=lambda *a, **k: detector,
+                      init_parsing_model=lambda *a, **k: parser):
+            self.helper = helper_module.FaceRestoreHelper(
+                upscale, face_size=512, crop_ratio=(1, 1), det_model="retinaface_resnet50", save_ext="png",
+                use_parse=True, device=self.device)
+        self.faces: list[int] = []
 
-    def restore(self, images: torch.Tensor, strength: float, ctx: Context) -> torch.Tensor:
-        w = 1.0 - strength  # CodeFormer's fidelity weight: 1 keeps the input, 0 restores most
-        outs = []
+    def restore_one(self, img: np.ndarray, fidelity: float) -> tuple[np.ndarray, int]:
+        """One BGR uint8 image: the loop body of ``inference_codeformer.py``."""
+        from codeformer.basicsr.utils import img2tensor, tensor2img
+        from torchvision.transforms.functional import normalize
+
+        helper = self.helper
+        helper.clean_all()
+        helper.read_image(img)
+        helper.get_face_landmarks_5(only_center_face=False, resize=640, eye_dist_threshold=5)
+        helper.align_warp_face()
+        for cropped in helper.cropped_faces:
+            t = img2tensor(cropped / 255.0, bgr2rgb=True, float32=True)
+            normalize(t, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), inplace=True)
+            with torch.no_grad():
+                out = self.net(t.unsqueeze(0).to(self.device), w=fidelity, adain=True)[0]
+            restored = tensor2img(out, rgb2bgr=True, min_max=(-1, 1)).astype("uint8")
+            helper.add_restored_face(restored, cropped)
+        helper.get_inverse_affine(None)
+        return helper.paste_faces_to_input_image(upsample_img=None, draw_box=False), len(helper.cropped_faces)
+
+    def restore(self, images: torch.Tensor, fidelity: float, ctx: Context) -> torch.Tensor:
+        outs, self.faces = [], []
         for img in _bgr_uint8(images):
-            try:
-                helper = self.helper_cls(2, face_size=512, crop_ratio=(1, 1), det_model="retinaface_resnet50",
-                                         save_ext="png", use_parse=True, device=self.device)
-            except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
-                raise WeightsUnavailableError(f"facexlib's RetinaFace/parsing weights are not available "
-                                              f"({type(exc).__name__}); run once with internet access.") from None
-            helper.read_image(img)
-            helper.get_face_landmarks_5(only_center_face=False, resize=640, eye_dist_threshold=5)
-            helper.align_warp_face()
-            for face in helper.cropped_faces:
-                t = torch.from_numpy(face[..., ::-1].copy()).permute(2, 0, 1).float().div(255)
-                t = ((t - 0.5) / 0.5).unsqueeze(0).to(self.device)
-                with torch.no_grad():
-                    restored = self.net(t, w=w, adain=True)[0].clamp(-1, 1)
-                arr = ((restored[0].permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-                helper.add_restored_face(np.ascontiguousarray(arr[..., ::-1]), face)
-            helper.get_inverse_affine(None)
-            outs.append(helper.paste_faces_to_input_image(upsample_img=None) if helper.cropped_faces else img)
+            out, n = self.restore_one(img, fidelity)
+            outs.append(out)
+            self.faces.append(n)
         return _from_bgr(outs, images)
 
 
 class GFPGANRestorer:
-    """GFPGAN v1.3/1.4 (Wang et al., CVPR'21) through the ``gfpgan`` package's ``GFPGANer``;
-    ``strength`` is its blend weight. Needs ``gfpgan`` installed and the .pth weights."""
+    """GFPGAN v1.3/1.4 (Wang et al., CVPR'21) through the ``gfpgan`` package's ``GFPGANer``
+    (not DiffShortcut's restorer; an option). Its blend weight is 1 − ``fidelity``. Needs
+    ``gfpgan`` installed and the .pth weights as ``restorer_weights``."""
 
-    def __init__(self, weights: str | None, ctx: Context):
+    def __init__(self, weights: str | None, ctx: Context, upscale: int = 1):
         if not weights:
             raise WeightsUnavailableError(
-                "GFPGAN weights are not bundled: download GFPGANv1.4.pth from the TencentARC/GFPGAN releases and "
-                "set `restorer_weights` to its path (and `pip install gfpgan`).")
+                "unavailable: GFPGAN weights — download GFPGANv1.4.pth from the TencentARC/GFPGAN releases and "
+                "set `restorer_weights` to its path (and `pip install gfpgan`)")
         try:
             from gfpgan import GFPGANer  # type: ignore
 
-            self.restorer = GFPGANer(model_path=weights, upscale=1, arch="clean", channel_multiplier=2,
+            self.restorer = GFPGANer(model_path=weights, upscale=upscale, arch="clean", channel_multiplier=2,
                                      bg_upsampler=None, device=ctx.device)
         except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
-            raise WeightsUnavailableError(f"GFPGAN could not be loaded from {weights!r} ({type(exc).__name__}: "
-                                          f"{exc}); `pip install gfpgan` and point `restorer_weights` at the .pth.") from None
+            raise WeightsUnavailableError(f"unavailable: GFPGAN — it could not be loaded from {weights!r} "
+                                          f"({type(exc).__name__}: {exc}); `pip install gfpgan` and point "
+                                          "`restorer_weights` at the .pth") from None
 
-    def restore(self, images: torch.Tensor, strength: float, ctx: Context) -> torch.Tensor:
+    def restore(self, images: torch.Tensor, fidelity: float, ctx: Context) -> torch.Tensor:
         outs = []
         for img in _bgr_uint8(images):
             _, _, restored = self.restorer.enhance(img, has_aligned=False, only_center_face=False,
-                                                   paste_back=True, weight=strength)
+                                                   paste_back=True, weight=1.0 - fidelity)
             outs.append(img if restored is None else restored)
         return _from_bgr(outs, images)
 
@@ -209,29 +301,32 @@ class ClipAlignment:
 
 
 class Realign(Purifier):
-    """``realign``: DiffShortcut realignment (CodeFormer w = 0.5 → 128 px → SD x4 upscaler,
-    "A photo of a person", 75 steps, guidance 9, noise_level 20) with the lightest strength
-    that brings each image's CLIP alignment into the clean range (see the module docstring).
+    """``realign``: DiffShortcut's ``code-sr`` as released (module docstring): CodeFormer
+    (w = 0.5, RetinaFace-ResNet50, paste back at 2x) on every image, PIL bicubic down to 128 px,
+    then the SD x4 upscaler ("A photo of a person", 75 steps, guidance 9, noise level 20).
 
-    ``adaptive = false`` applies the fixed ``strength`` (0.5 = the paper's chain). No face
-    restorer is bundled: ``restorer = "codeformer" | "gfpgan"`` (or a name registered with
-    ``register_face_restorer``) with ``restorer_weights``; without one the chain is ``sr``.
+    ``restorer = "none"`` drops the face restoration (the chain is then ``sr``); ``"gfpgan"``
+    or a name registered with ``register_face_restorer`` swaps it. ``clip_guided = true``
+    turns on the CLIP-guided strength (a benchbase extension, module docstring).
+    ``low_res`` is stated at 512 px and scales with the image side.
     """
 
     class Params(Params):
-        restorer: str | None = None
+        restorer: str = "codeformer"
         restorer_weights: str | None = None
+        fidelity_weight: float = Field(0.5, ge=0, le=1, description="CodeFormer's w")
+        restorer_upscale: int = Field(2, ge=1, description="CodeFormer's final upscale (its -s)")
         model: str = UPSCALER
         prompt: str = "A photo of a person"
         num_inference_steps: int = Field(75, ge=1)
         guidance_scale: float = 9.0
-        noise_level_at_half: int = Field(20, ge=0, le=175, description="upscaler noise level at strength 0.5")
+        noise_level: int = Field(20, ge=0, le=350)
         low_res: int = Field(128, ge=4)
         scale_with_resolution: bool = True
-        adaptive: bool = True
-        strength: float = Field(0.5, ge=0, le=1)
+        batch_size: int = Field(4, ge=1)
+        clip_guided: bool = False
         strengths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-        clip_model: str = "ViT-B-32"
+        clip_model: str = "ViT-L-14"
         clip_pretrained: str | None = "openai"
         alignment_prompt: str | None = None
         calibration_images: int = Field(8, ge=1)
@@ -254,34 +349,70 @@ class Realign(Purifier):
     def release(self) -> None:
         self._sr = self._restorer = self._clip = None
 
-    def _upscaler(self, strength: float) -> SuperResolution:
+    def upscaler(self) -> SuperResolution:
         p = self.params
         if self._sr is None:
             self._sr = SuperResolution(model=p.model, prompt=p.prompt, num_inference_steps=p.num_inference_steps,
                                        guidance_scale=p.guidance_scale, low_res=p.low_res,
-                                       scale_with_resolution=p.scale_with_resolution)
+                                       scale_with_resolution=p.scale_with_resolution, batch_size=p.batch_size)
             self._sr.name = "realign"
-        self._sr.params.noise_level = min(350, round(2 * strength * p.noise_level_at_half))
         return self._sr
 
-    def _face_restorer(self, ctx: Context) -> FaceRestorer | None:
+    def face_restorer(self, ctx: Context) -> FaceRestorer | None:
         name = self.params.restorer
-        if name is None:
+        if name == "none":
             return None
         if name not in FACE_RESTORERS:
-            raise ConfigError(f"realign: unknown face restorer {name!r}; known: {', '.join(sorted(FACE_RESTORERS))}")
+            raise ConfigError(f"realign: unknown face restorer {name!r}; known: none, {', '.join(sorted(FACE_RESTORERS))}")
         if self._restorer is None:
-            self._restorer = FACE_RESTORERS[name](self.params.restorer_weights, ctx)
+            self._restorer = FACE_RESTORERS[name](self.params.restorer_weights, ctx, upscale=self.params.restorer_upscale)
         return self._restorer
 
-    def chain(self, images: torch.Tensor, strength: float, ctx: Context) -> torch.Tensor:
-        """The realignment chain at one strength (0 = identity)."""
+    def chain(self, images: torch.Tensor, fidelity: float, noise_level: int, ctx: Context) -> torch.Tensor:
+        """Face restoration on the full-size 8-bit images, PIL bicubic down to the low-res side of
+        the *input* size, x4 upscaling, back to the input size."""
+        p = self.params
+        h, w = images.shape[-2:]
+        sr = self.upscaler()
+        restorer = self.face_restorer(ctx)
+        restored = images if restorer is None else restorer.restore(images, fidelity, ctx)
+        low = pil_resize(restored, sr.low_res_side(w))
+        pipe = sr.pipeline(ctx)
+        outs = []
+        for start in range(0, len(low), p.batch_size):
+            up = upscale(pipe, low[start:start + p.batch_size], ctx, p.prompt, "", p.num_inference_steps,
+                         p.guidance_scale, noise_level, progress_desc="realign sampling")
+            outs.append(resize(up, (h, w)))
+        return torch.cat(outs).to(images.device, images.dtype).clamp(0, 1)
+
+    def _record(self, ctx: Context, **extra) -> None:
+        p = self.params
+        info = {"restorer": p.restorer, "clip_guided": p.clip_guided, **extra}
+        if p.restorer != "none":
+            info.update(fidelity_weight=p.fidelity_weight, restorer_upscale=p.restorer_upscale)
+            faces = getattr(self._restorer, "faces", None)
+            if faces is not None:
+                info["faces_restored"] = list(faces)
+        ctx.info["realign"] = info
+
+    def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        p = self.params
+        if not p.clip_guided:
+            out = self.chain(images, p.fidelity_weight, p.noise_level, ctx)
+            self._record(ctx, noise_level=p.noise_level)
+            return out
+        return self._clip_guided(images, ctx)
+
+    # -----------------------------------------------------------------------------------
+    # the CLIP-guided strength (benchbase extension)
+    # -----------------------------------------------------------------------------------
+
+    def at_strength(self, images: torch.Tensor, strength: float, ctx: Context) -> torch.Tensor:
+        """The chain at strength s: w = 1 − s, noise level 2·s·``noise_level``; s = 0 is the identity."""
         if strength <= 0:
             return images
-        restorer = self._face_restorer(ctx)
-        if restorer is not None:
-            images = restorer.restore(images, strength, ctx)
-        return self._upscaler(strength).purify(images, ctx)
+        noise = min(350, round(2 * strength * self.params.noise_level))
+        return self.chain(images, 1.0 - strength, noise, ctx)
 
     def aligner(self, ctx: Context) -> ClipAlignment:
         if self._clip is None:
@@ -306,12 +437,8 @@ class Realign(Purifier):
         scores = self.aligner(ctx)(images, self.prompt_for_alignment(ctx))
         return float(torch.quantile(scores, p.calibration_quantile)), float(scores.max()), len(scores)
 
-    def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def _clip_guided(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
-        if not p.adaptive:
-            out = self.chain(images, p.strength, ctx)
-            ctx.info["realign"] = {"strength": [p.strength] * len(images), "adaptive": False}
-            return out
         align = self.aligner(ctx)
         prompt = self.prompt_for_alignment(ctx)
         low, high, count = self.clean_range(ctx)
@@ -327,7 +454,7 @@ class Realign(Purifier):
             if not pending or s <= 0:
                 continue
             idx = torch.tensor(pending)
-            candidate = self.chain(images[idx], s, ctx)
+            candidate = self.at_strength(images[idx], s, ctx)
             scores = align(candidate, prompt)
             still = []
             for k, i in enumerate(pending):
@@ -336,12 +463,9 @@ class Realign(Purifier):
                 if scores[k] < low:
                     still.append(i)
             pending = still
-        ctx.info["realign"] = {
-            "adaptive": True, "clip_model": align.name, "alignment_prompt": prompt,
-            "clean_range": [low, high], "calibration_images": count,
-            "alignment_before": [round(float(v), 6) for v in before],
-            "alignment_after": [round(float(v), 6) for v in after],
-            "strength": chosen,
-            "in_range_after": [bool(v >= low) for v in after],
-        }
+        self._record(
+            ctx, gate_model=align.name, alignment_prompt=prompt, clean_range=[low, high], calibration_images=count,
+            alignment_before=[round(float(v), 6) for v in before],
+            alignment_after=[round(float(v), 6) for v in after],
+            strength=chosen, in_range_after=[bool(v >= low) for v in after])
         return out
