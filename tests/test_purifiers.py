@@ -16,20 +16,24 @@ from benchbase.testing import make_context, sample_identity
 from benchbase_plugins.purifiers._common import resize
 
 NAMES = ["none", "oracle", "jpeg", "blur", "resize", "diffpure", "pixel-diffpure", "gridpure", "sr",
-         "noisy-upscale", "impress", "realign"]
+         "noisy-upscale", "impress", "realign", "gridpure-ds", "pixel-diffpure-ds"]
 
 # shrunk settings: every model is a tiny random-weight stand-in, step counts are minimal
 TINY_PARAMS = {
     "diffpure": {"t": 4},
     "pixel-diffpure": {"model": "tiny", "t": 4},
     "gridpure": {"model": "tiny", "t": 2, "iterations": 2},
+    # guided-diffusion's architecture and learned variance in miniature, on the respaced schedule
+    "gridpure-ds": {"model": "tiny-adm", "t": 2, "iterations": 2},
+    "pixel-diffpure-ds": {"model": "tiny-adm", "t": 3},
     "sr": {"model": "tiny", "num_inference_steps": 2},
     "noisy-upscale": {"model": "tiny", "num_inference_steps": 2, "low_res": 128},
     "impress": {"iterations": 3, "lpips": "tiny"},  # float16, the release precision
     # CodeFormer's weights cannot exist here: the chain without it (its own tests are below)
     "realign": {"model": "tiny", "num_inference_steps": 2, "restorer": "none"},
 }
-STOCHASTIC = {"diffpure", "pixel-diffpure", "gridpure", "sr", "noisy-upscale", "impress", "realign"}
+STOCHASTIC = {"diffpure", "pixel-diffpure", "gridpure", "sr", "noisy-upscale", "impress", "realign", "gridpure-ds",
+              "pixel-diffpure-ds"}
 # realign's CLIP-guided strength on the tiny stand-ins
 GUIDED = {"clip_guided": True, "clip_model": "tiny", "min_alignment": 0.07}
 
@@ -53,7 +57,7 @@ def ctx_for(tiny, identity, seed=0):
     return make_context(backend=tiny, identity=identity, seed=seed)
 
 
-def test_all_twelve_registered():
+def test_all_registered():
     assert set(NAMES) <= set(get_plugin_manager().entries("purifiers"))
 
 
@@ -152,6 +156,48 @@ def test_tiny_clip_loads_its_checkpoint():
     saved = torch.load(tiny_clip_checkpoint(), map_location="cpu")
     loaded = ClipAlignment("tiny", None, torch.device("cpu")).model.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+# ---------------------------------------------------------------------------------------
+# gridpure / pixel-diffpure: the released model and loops
+# ---------------------------------------------------------------------------------------
+
+
+def test_pixel_purifiers_default_to_the_imagenet_model(tiny, identity):
+    from benchbase_plugins.purifiers._guided_diffusion import respaced_timesteps
+
+    for name in ("gridpure", "pixel-diffpure", "gridpure-ds", "pixel-diffpure-ds"):
+        p = get_plugin_manager().create("purifiers", name, {})
+        assert p.params.model == "imagenet-256-uncond"
+        with pytest.raises(WeightsUnavailableError, match="256x256_diffusion_uncond.pt"):
+            p.purify(identity.set_B[:1], ctx_for(tiny, identity))
+    kept = respaced_timesteps(1000, 250)
+    assert len(kept) == 250 and kept[:3] == [0, 4, 8] and kept[10] == 40 and kept[100] == 401 and kept[-1] == 999
+
+
+@pytest.mark.parametrize("name,expected", [
+    # GrIDPure (runners/diffpure_guided.py): noise at index t-1, run t-1 ... 0
+    ("gridpure", ([1, 0], 2)),
+    # DiffShortcut (defenses/gridpure.py): respaced 250, noise at index t, run t ... 1 (break at 0)
+    ("gridpure-ds", ([8, 4, 0], 2)),
+    ("pixel-diffpure-ds", ([12, 8, 4, 0], 3)),
+])
+def test_pixel_loops_follow_their_release(name, expected, tiny, identity, monkeypatch):
+    from benchbase_plugins.purifiers import diffusion
+
+    calls = []
+    real = diffusion._ancestral
+
+    def spy(scheduler, start, x_t, predict, ctx, tracked, desc=None, run=None):
+        calls.append((list(start), run))
+        return real(scheduler, start, x_t, predict, ctx, tracked, desc=desc, run=run)
+
+    monkeypatch.setattr(diffusion, "_ancestral", spy)
+    ctx = ctx_for(tiny, identity)
+    create(name, iterations=1).purify(identity.set_B[:1], ctx) if name != "pixel-diffpure-ds" else \
+        create(name).purify(identity.set_B[:1], ctx)
+    assert calls and all(c == expected for c in calls)
+    assert "tiny" in ctx.info[name]["model"]
 
 
 # ---------------------------------------------------------------------------------------

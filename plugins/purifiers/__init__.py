@@ -19,10 +19,16 @@ def register_purifiers(register):
              description="bicubic 512 -> 128 -> 512 (suite-defined)")
     register("diffpure", f"{_M}.diffusion:LatentDiffPure", version="1",
              description="latent DiffPure on the backend's SD: t = 300, DDPM, CFG 7.5 quality prompt (DiffShortcut ldiffp)")
-    register("pixel-diffpure", f"{_M}.diffusion:PixelDiffPure", version="1",
-             description="pixel DiffPure with an unconditional diffusers model, t* = 0.1 (GrIDPure diffpure.py)")
-    register("gridpure", f"{_M}.diffusion:GrIDPure", version="1",
-             description="GrIDPure: 256 windows stride 128 + corner mosaic, t = 10, gamma 0.1, 20 iterations")
+    register("pixel-diffpure", f"{_M}.diffusion:PixelDiffPure", version="2",
+             description="pixel DiffPure, guided-diffusion ImageNet 256 uncond model, t* = 0.1 (GrIDPure diffpure.py)")
+    register("gridpure", f"{_M}.diffusion:GrIDPure", version="2",
+             description="GrIDPure: ImageNet 256 uncond model, 256 windows stride 128 + corner mosaic, t = 10, "
+                         "gamma 0.1, 20 iterations")
+    register("gridpure-ds", f"{_M}.diffusion:GrIDPureDS", version="1",
+             description="GrIDPure as DiffShortcut re-implemented it: 250-step respacing, t = 40/1000, "
+                         "no mosaic, 10 iterations, [0,1] input")
+    register("pixel-diffpure-ds", f"{_M}.diffusion:PixelDiffPureDS", version="1",
+             description="DiffShortcut's pixel DiffPure (pdiffp): its grid at t = 401/1000, one pass")
     register("sr", f"{_M}.upscale:SuperResolution", version="1",
              description="128 px then the SD x4 upscaler, 75 steps, CFG 9, noise_level 20 (DiffShortcut sr)")
     register("noisy-upscale", f"{_M}.upscale:NoisyUpscale", version="1",

@@ -117,6 +117,24 @@ def tiny_pixel_model_folder(seed: int = 0) -> Path:
         return _ensure_folder("pixel-ddpm", seed, build_tiny_pixel_model)
 
 
+def build_tiny_adm_model(folder: Path) -> None:
+    """guided-diffusion's ADM architecture in miniature (resnet up/down blocks, scale-shift norm,
+    multi-head attention, 6 output channels: ε and the learned variance interpolation), with
+    guided-diffusion's schedule and learned-range variance."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    from ._guided_diffusion import scheduler, unet_config
+
+    config = unet_config(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
+                         num_head_channels=16, learn_sigma=True, image_size=32)
+    DDPMPipeline(unet=UNet2DModel(**config), scheduler=scheduler()).save_pretrained(folder)
+
+
+def tiny_adm_model_folder(seed: int = 0) -> Path:
+    with _fork_rng():
+        return _ensure_folder("pixel-adm", seed, build_tiny_adm_model)
+
+
 # ---------------------------------------------------------------------------------------
 # open_clip
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Diffusion purification: latent DiffPure on the backend's SD, pixel DiffPure and GrIDPure on
-an unconditional pixel model (algorithms.md §2.5–2.7).
+an unconditional pixel model (guided-diffusion's ImageNet model by default), and DiffShortcut's
+re-implementations of the last two.
 
 All three forward-noise the input and run an ancestral DDPM pass back to t = 0. Their
 ``differentiable_view`` is BPDA by default; ``gradient = "truncated"`` returns the real
@@ -9,31 +10,36 @@ output and back-propagates exactly through the encoder/decoder (or resizes) and 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from benchbase.components import Context, Params, Purifier
+from benchbase.errors import WeightsUnavailableError
 from benchbase.images import quantize
 
 from ._common import load_pretrained, quiet_diffusers, randn, resize, straight_through
 
 
-def _ancestral(scheduler, start: int, x_t: torch.Tensor, predict, ctx: Context, tracked: int,
-               desc: str | None = None) -> torch.Tensor:
-    """DDPM ancestral steps ``start, start-1, ..., 0`` from ``x_t``. With ``tracked`` > 0 and
-    grad enabled, the last ``tracked`` steps keep their graph and the earlier ones are bridged
-    straight-through, so the output has the exact value and a truncated gradient."""
-    timesteps = list(range(start, -1, -1))
+def _ancestral(scheduler, start, x_t: torch.Tensor, predict, ctx: Context, tracked: int,
+               desc: str | None = None, run: int | None = None) -> torch.Tensor:
+    """DDPM ancestral steps from ``x_t``: ``start, start-1, ..., 0`` when ``start`` is an int,
+    else along the given descending timesteps (a respaced schedule), of which the first
+    ``run`` are taken (default all). With ``tracked`` > 0 and grad enabled, the last
+    ``tracked`` steps keep their graph and the earlier ones are bridged straight-through, so
+    the output has the exact value and a truncated gradient."""
+    timesteps = list(range(start, -1, -1)) if isinstance(start, int) else list(start)
     scheduler.set_timesteps(timesteps=timesteps, device=x_t.device)
+    steps = list(scheduler.timesteps)[:run]
     grad = torch.is_grad_enabled() and tracked > 0
     entry = x_t
     x = x_t.detach() if grad else x_t
-    iterator = enumerate(scheduler.timesteps)
+    iterator = enumerate(steps)
     if desc:
-        iterator = ctx.progress(iterator, desc=desc, total=len(timesteps), leave=False)
-    first = max(0, len(timesteps) - tracked)
+        iterator = ctx.progress(iterator, desc=desc, total=len(steps), leave=False)
+    first = max(0, len(steps) - tracked)
     for i, t in iterator:
         track = grad and i >= first
         if grad and i == first:
@@ -112,54 +118,97 @@ class LatentDiffPure(Purifier):
 # Pixel-space models
 # ---------------------------------------------------------------------------------------
 
-PIXEL_MODEL = "google/ddpm-ema-celebahq-256"
+#: guided-diffusion's unconditional ImageNet 256x256 model, the one GrIDPure (README, after
+#: DiffPure) and DiffShortcut (README, ``defenses/gridpure.py``) load
+PIXEL_MODEL = "imagenet-256-uncond"
+#: a diffusers-native 256-px unconditional face model (an option: CelebA-HQ is one of the
+#: protocol's datasets, so its faces may be the evaluated identities)
+CELEBAHQ_MODEL = "google/ddpm-ema-celebahq-256"
 
 
 def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_denoised: bool = True):
-    """An unconditional diffusers pixel model: (UNet2DModel, DDPMScheduler). Accepts a
-    DDPMPipeline-style folder/hub id (model_index.json, unet/, scheduler/) or a bare UNet2DModel
-    folder with its scheduler config. ``"tiny"`` is the offline stand-in."""
+    """An unconditional pixel model: (UNet2DModel, DDPMScheduler, description).
+
+    ``"imagenet-256-uncond"`` (default) or a path to a ``.pt`` file: guided-diffusion's ImageNet
+    checkpoint (``$TORCH_HOME/hub/guided-diffusion/256x256_diffusion_uncond.pt`` by default),
+    converted to diffusers (``_guided_diffusion.py``), learned-range variance. Otherwise a
+    DDPMPipeline-style folder/hub id (model_index.json, unet/, scheduler/) or a bare
+    UNet2DModel folder with its scheduler config. ``"tiny"``/``"tiny-adm"`` are offline stand-ins
+    (the latter with guided-diffusion's architecture and learned variance)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    if model == "tiny":
-        from ._tiny_models import tiny_pixel_model_folder
+    from . import _guided_diffusion as gd
 
-        model = str(tiny_pixel_model_folder())
+    if model == PIXEL_MODEL or model.endswith(".pt"):
+        path = gd.default_checkpoint() if model == PIXEL_MODEL else Path(model).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"unavailable: guided-diffusion's ImageNet 256x256 unconditional model — put {gd.IMAGENET_FILE} "
+                f"(openai/guided-diffusion release) at {path}, or pass its path as `model` "
+                f"(`model = \"{CELEBAHQ_MODEL}\"` for the CelebA-HQ face model)")
+        unet = gd.load(path)
+        scheduler = gd.scheduler(clip_denoised)
+        description = f"guided-diffusion 256x256_diffusion_uncond (ImageNet) from {path.name}"
+    else:
+        description = model
+        if model in ("tiny", "tiny-adm"):
+            from ._tiny_models import tiny_adm_model_folder, tiny_pixel_model_folder
 
-    def load(path: str, local_only: bool):
-        with quiet_diffusers():
-            try:
-                pipe = DDPMPipeline.from_pretrained(path, local_files_only=local_only)
-                return pipe.unet, pipe.scheduler
-            except (OSError, ValueError):
-                unet = UNet2DModel.from_pretrained(path, local_files_only=local_only)
-                return unet, DDPMScheduler.from_pretrained(path, local_files_only=local_only)
+            model = str(tiny_pixel_model_folder() if model == "tiny" else tiny_adm_model_folder())
 
-    unet, scheduler = load_pretrained(
-        "unconditional pixel diffusion model", model, load,
-        hint=' (any diffusers UNet2DModel + scheduler, e.g. a converted guided-diffusion 256x256 '
-             'uncond model; `model = "tiny"` for the offline stand-in)')
+        def load(path: str, local_only: bool):
+            with quiet_diffusers():
+                try:
+                    pipe = DDPMPipeline.from_pretrained(path, local_files_only=local_only)
+                    return pipe.unet, pipe.scheduler
+                except (OSError, ValueError):
+                    unet = UNet2DModel.from_pretrained(path, local_files_only=local_only)
+                    return unet, DDPMScheduler.from_pretrained(path, local_files_only=local_only)
+
+        unet, scheduler = load_pretrained(
+            "unconditional pixel diffusion model", model, load,
+            hint=' (or `model = "tiny"` for the offline stand-in)')
+        # ancestral sampling as guided-diffusion's p_sample; clip_denoised clips the x0 estimate
+        scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=clip_denoised)
     unet = unet.to(device, dtype).requires_grad_(False).eval()
-    # ancestral sampling as guided-diffusion's p_sample; clip_denoised clips the x0 estimate
-    scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=clip_denoised)
-    return unet, scheduler
+    return unet, scheduler, description
+
+
+def to_8bit(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """The 8-bit image a reference saves: ``truncate`` as torchvision's ``ToPILImage`` of a float
+    tensor (``mul(255).byte()``), ``round`` as a PNG save of rounded values."""
+    if rounding == "round":
+        return quantize(x)
+    return torch.floor(x.clamp(0, 1) * 255) / 255
 
 
 def pixel_purify(unet, scheduler, x01: torch.Tensor, t: int, ctx: Context, tracked: int = 0,
-                 ds_quirk: bool = False, desc: str | None = None) -> torch.Tensor:
-    """DiffPure on model-sized [0,1] images: noise to step index t-1 and run the t ancestral
-    steps t-1 … 0 (guided-diffusion's q_sample + p_sample loop). ``ds_quirk`` feeds [0,1]
-    values to the [-1,1] model as DiffShortcut's code does."""
+                 ds_quirk: bool = False, respacing: int | None = None, skip_last: bool = False,
+                 desc: str | None = None) -> torch.Tensor:
+    """DiffPure on model-sized [0,1] images with ``t`` ancestral steps.
+
+    GrIDPure's loop (``runners/diffpure_guided.py`` ``image_editing_sample``, default): noise to
+    step index t − 1 and run the steps t − 1 … 0, the last one returning the mean.
+    DiffShortcut's (``defenses/gridpure.py`` ``denoise``, ``skip_last``): noise to index t and run
+    t … 1, stopping before the final step (the loop ``break``s at 0), so the output keeps the
+    last step's noise. ``respacing`` (e.g. 250) runs on guided-diffusion's respaced schedule
+    (``respace.py``): index i is the i-th kept timestep (250 of 1000: 10 → 40, 100 → 401).
+    ``ds_quirk`` feeds [0,1] values to the [-1,1] model as DiffShortcut's code does."""
     if t <= 0:
         return x01
+    from ._guided_diffusion import respaced_timesteps
+
+    kept = respaced_timesteps(scheduler.config.num_train_timesteps, respacing) if respacing else None
+    top = t if skip_last else t - 1
+    timesteps = [kept[i] for i in range(top, -1, -1)] if kept else list(range(top, -1, -1))
     x = x01 if ds_quirk else x01 * 2 - 1
     noise = randn(x.shape, ctx, x.dtype)
-    x_t = scheduler.add_noise(x, noise, torch.tensor([t - 1], device=x.device))
+    x_t = scheduler.add_noise(x, noise, torch.tensor([timesteps[0]], device=x.device))
 
     def predict(x_in, step):
         return unet(x_in.to(unet.dtype), step).sample.float()
 
-    x0 = _ancestral(scheduler, t - 1, x_t, predict, ctx, tracked, desc=desc)
+    x0 = _ancestral(scheduler, timesteps, x_t, predict, ctx, tracked, desc=desc, run=t)
     return (x0 if ds_quirk else (x0 + 1) / 2).clamp(0, 1)
 
 
@@ -169,10 +218,13 @@ class _PixelPurifier(Purifier):
         t: int = Field(100, ge=0, le=1000)
         clip_denoised: bool = True
         ds_quirk: bool = False
+        respacing: int | None = Field(None, ge=2, le=1000)
         batch_size: int = Field(8, ge=1)
         gradient: Literal["bpda", "truncated"] = "bpda"
         truncated_steps: int = Field(1, ge=1)
 
+    #: DiffShortcut's loop (noise at t, steps t … 1); GrIDPure's otherwise
+    skip_last = False
     _model = None
     _model_key = None
 
@@ -191,19 +243,26 @@ class _PixelPurifier(Purifier):
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     def purify_patches(self, patches: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
-        unet, scheduler = self.model(ctx)
+        unet, scheduler, _ = self.model(ctx)
+        p = self.params
         outs = []
-        for start in range(0, len(patches), self.params.batch_size):
-            outs.append(pixel_purify(unet, scheduler, patches[start:start + self.params.batch_size], self.params.t,
-                                     ctx, tracked, self.params.ds_quirk, desc=f"{self.name or 'diffpure'} denoising"))
+        for start in range(0, len(patches), p.batch_size):
+            outs.append(pixel_purify(unet, scheduler, patches[start:start + p.batch_size], p.t, ctx, tracked,
+                                     p.ds_quirk, p.respacing, self.skip_last,
+                                     desc=f"{self.name or 'diffpure'} denoising"))
         return torch.cat(outs)
 
     def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def _record(self, ctx: Context) -> None:
+        ctx.info[self.name or type(self).__name__] = {"model": self.model(ctx)[2]}
+
     def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         with torch.no_grad():
-            return self._run(images.to(ctx.device), ctx, 0).to(images.device, images.dtype)
+            out = self._run(images.to(ctx.device), ctx, 0).to(images.device, images.dtype)
+        self._record(ctx)
+        return out
 
     def differentiable_view(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         if self.params.gradient == "bpda":
@@ -215,20 +274,22 @@ class _PixelPurifier(Purifier):
 class PixelDiffPure(_PixelPurifier):
     """``pixel-diffpure``: DiffPure (Nie et al., ICML'22) as GrIDPure's ``diffpure.py`` applies
     it to SD protections: resize to the model size (512 → 256, bilinear), forward-noise to
-    t = 100 of 1000 (t* = 0.1), one ancestral pass with clipped x0, resize back.
-
-    The official model is guided-diffusion ``256x256_diffusion_uncond.pt`` (ImageNet), which
-    must be converted to a diffusers UNet2DModel folder and passed as ``model``; the default
-    hub id is a diffusers-native 256-px unconditional face DDPM with the same linear
-    1000-step schedule.
+    t = 100 of 1000 (t* = 0.1), one ancestral pass with clipped x0, 8-bit (truncated, as
+    ``ToPILImage``), PIL-bicubic back to the input size. Model: guided-diffusion's ImageNet
+    256x256 unconditional checkpoint (``model``; the CelebA-HQ face DDPM is an option).
     """
+
+    class Params(_PixelPurifier.Params):
+        rounding: Literal["truncate", "round"] = "truncate"
 
     def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
         h, w = images.shape[-2:]
         side = self.model_side(ctx)
         x = resize(images, side, mode="bilinear")
         y = self.purify_patches(x, ctx, tracked)
-        return resize(y, (h, w), mode="bilinear").clamp(0, 1)
+        q = to_8bit(y.detach(), self.params.rounding).to(y)
+        y = straight_through(q, y) if tracked else q
+        return resize(y, (h, w), mode="bicubic").clamp(0, 1)
 
 
 def _positions(side: int, window: int) -> list[int]:
@@ -239,12 +300,13 @@ def _positions(side: int, window: int) -> list[int]:
 
 
 class GrIDPure(_PixelPurifier):
-    """``gridpure``: GrIDPure (Zhao et al., CVPR'24), official README setting. Each iteration
-    cuts model-sized windows at half-window stride (256 px at stride 128 on 512 px: 9
-    windows) plus one mosaic of the four half-window image corners, DiffPure-s each at
-    t = 10 of 1000, averages overlaps (corners get the mosaic's extra vote), blends
-    x ← (1-γ)·x_pure + γ·x_in with γ = 0.1 and quantises to 8 bits; 20 iterations.
-    Images smaller than the window are resized up to it and back.
+    """``gridpure``: GrIDPure (Zhao et al., CVPR'24), official README setting
+    (ZhengyueZhao/GrIDPure ``gridpure.py``). Each iteration cuts model-sized windows at
+    half-window stride (256 px at stride 128 on 512 px: 9 windows) plus one mosaic of the four
+    half-window image corners, DiffPure-s each at t = 10 of 1000, averages overlaps (corners
+    get the mosaic's extra vote), blends x ← (1-γ)·x_pure + γ·x_in with γ = 0.1 and saves 8
+    bits (truncated: ``ToPILImage``); 20 iterations. Model: guided-diffusion's ImageNet 256x256
+    unconditional checkpoint. Images smaller than the window are resized up to it and back.
     """
 
     class Params(_PixelPurifier.Params):
@@ -253,6 +315,7 @@ class GrIDPure(_PixelPurifier):
         gamma: float = Field(0.1, ge=0, le=1)
         corner_mosaic: bool = True
         quantize_between: bool = True
+        rounding: Literal["truncate", "round"] = "truncate"
 
     def _iteration(self, x: torch.Tensor, ctx: Context, tracked: int, window: int) -> torch.Tensor:
         n, c, side, _ = x.shape
@@ -280,16 +343,59 @@ class GrIDPure(_PixelPurifier):
                 count[:, :, i:i + half, j:j + half] += 1
         return total / count
 
+    def _window_input(self, x: torch.Tensor, tracked: int) -> torch.Tensor:
+        return x
+
     def _run(self, images: torch.Tensor, ctx: Context, tracked: int) -> torch.Tensor:
         p = self.params
         h, w = images.shape[-2:]
         window = self.model_side(ctx)
         side = max(h, window)
         x = resize(images, side, mode="bilinear")
-        for _ in ctx.progress(range(p.iterations), desc="gridpure iterations", leave=False):
+        for _ in ctx.progress(range(p.iterations), desc=f"{self.name or 'gridpure'} iterations", leave=False):
             x_in = x
-            x = (1 - p.gamma) * self._iteration(x, ctx, tracked, window) + p.gamma * x_in
-            if p.quantize_between:  # the reference round-trips through a PIL uint8 image
-                q = quantize(x.detach()).to(x)
+            x = (1 - p.gamma) * self._iteration(self._window_input(x, tracked), ctx, tracked, window) + p.gamma * x_in
+            if p.quantize_between:  # the reference round-trips through an 8-bit PIL image
+                q = to_8bit(x.detach(), p.rounding).to(x)
                 x = straight_through(q, x) if tracked else q
+        if not p.quantize_between:  # the 8-bit image saved at the end
+            q = to_8bit(x.detach(), p.rounding).to(x)
+            x = straight_through(q, x) if tracked else q
         return resize(x, (h, w), mode="bilinear").clamp(0, 1)
+
+
+class GrIDPureDS(GrIDPure):
+    """``gridpure-ds``: GrIDPure as DiffShortcut re-implemented it (liuyixin-louis/DiffShortcut
+    ``diffshortcut/defenses/gridpure.py``, ``scripts/sub/defense/gridpure.sh``): the same
+    ImageNet model on guided-diffusion's 250-step respaced schedule; 9 windows of 256 at
+    stride 128, no corner mosaic; each window is cut from the running float image, saved to
+    8 bits (``ToPILImage``, truncated) and fed to the model in [0, 1] (not [-1, 1]); noised
+    to respaced step 10 (timestep 40 of 1000) and denoised by 10 steps 40 … 4 (the loop
+    stops before the last step); windows averaged, x ← 0.9·x_pure + 0.1·x in float; 10
+    iterations; 8 bits only at the end. ``pixel-diffpure-ds`` is the same at t = 100
+    (timestep 401), γ = 0, one iteration (DiffShortcut ``defenses/pdiffp.py``: a grid too, not
+    a 512 → 256 resize).
+    """
+
+    class Params(GrIDPure.Params):
+        t: int = Field(10, ge=0, le=1000, description="index on the respaced schedule")
+        iterations: int = Field(10, ge=1)
+        corner_mosaic: bool = False
+        quantize_between: bool = False
+        ds_quirk: bool = True
+        respacing: int | None = Field(250, ge=2, le=1000)
+
+    skip_last = True
+
+    def _window_input(self, x: torch.Tensor, tracked: int) -> torch.Tensor:
+        q = to_8bit(x.detach(), "truncate").to(x)
+        return straight_through(q, x) if tracked else q
+
+
+class PixelDiffPureDS(GrIDPureDS):
+    __doc__ = GrIDPureDS.__doc__
+
+    class Params(GrIDPureDS.Params):
+        t: int = Field(100, ge=0, le=1000, description="index on the respaced schedule")
+        iterations: int = Field(1, ge=1)
+        gamma: float = Field(0.0, ge=0, le=1)
