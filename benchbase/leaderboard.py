@@ -184,9 +184,30 @@ def header(info: dict, df: pd.DataFrame) -> str:
         "- Values: mean over identities ± 95% interval (t·sd/√n, Student t with n−1 degrees of freedom). ↑ = higher favours the protection, "
         "↓ = lower favours the protection. INCOMPLETE rows are not averaged.",
     ]
+    faces = face_models(df)
+    if faces:
+        lines.append(faces)
     if "RANDOM" in backend or "tiny" in backend:
         lines.append("- **Random-weight model: these numbers test the machinery, not the science.**")
     return "\n".join(lines) + "\n"
+
+
+def face_models(df: pd.DataFrame) -> str | None:
+    """The face models each face metric ran with (detector, its threshold, embedder, the
+    no-face convention), from the records' details: FDFR and ISM depend on them."""
+    if "details" not in df:
+        return None
+    parts = []
+    for metric, group in df.groupby("metric", sort=False):
+        d = next((x for x in group["details"] if isinstance(x, dict) and "detector_model" in x), None)
+        if d:
+            text = f"`{metric}`: detector {d['detector_model']}"
+            if d.get("embedder_model"):
+                text += f", embedder {d['embedder_model']}"
+            if d.get("no_face"):
+                text += f", images without a face: {d['no_face']}"
+            parts.append(text)
+    return "- Face models: " + "; ".join(parts) + "." if parts else None
 
 
 def _per_identity(df: pd.DataFrame, metric: str, cell: dict) -> pd.Series:

@@ -17,4 +17,9 @@ $PIP install --quiet --no-deps "facenet-pytorch==2.6.0"
 # non-commercial); --no-deps because its requirements list training tools (tb-nightly, lmdb, ...)
 # that inference does not import. Its basicsr imports lpips at import time.
 $PIP install --quiet --no-deps "codeformer-pip==0.0.4" "lpips==0.1.4"
+# Anti-DreamBooth's face models on PyTorch: RetinaFace (retina-face) and ArcFace (deepface).
+# --no-deps: their requirements add TensorFlow-era and server packages; the PyTorch path needs
+# only gdown (imported by their weight helpers) and its beautifulsoup4.
+$PIP install --quiet --no-deps "retina-face==0.0.19" "deepface==0.0.103" "gdown==6.5.1"
+$PIP install --quiet "beautifulsoup4>=4.12"
 .venv/bin/python -c "import benchbase, torch, diffusers, facenet_pytorch; print('benchbase', benchbase.__version__, '| torch', torch.__version__)"

@@ -9,6 +9,7 @@ empty folder so the test does not depend on the machine.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,7 @@ def empty_caches(tmp_path, monkeypatch):
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
     monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "insightface"))
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path / "deepface"))
     quality.pyiqa_metric.cache_clear()
     distribution._inception.cache_clear()
     yield tmp_path
@@ -147,6 +149,63 @@ def test_ism_no_face_gives_nan_not_a_number(astronaut, noise, ctx):
     if value.count:  # a rare MTCNN false positive on noise; nothing to check then
         pytest.skip("MTCNN fired on noise")
     assert math.isnan(value.value) and "reason" in value.details
+
+
+def test_face_models_carry_honest_names():
+    """``retinaface``/``arcface`` are Anti-DreamBooth's models (RetinaFace-R50 at 0.9 through
+    retina-face, deepface's ResNet-34 ArcFace); insightface's SCRFD and R50 have their own names."""
+    import inspect
+
+    assert faces.DETECTORS["scrfd"] is faces.SCRFDDetector and faces.EMBEDDERS["arcface-insightface"] is \
+        faces.InsightFaceArcFaceEmbedder
+    assert inspect.signature(faces.RetinaFaceDetector).parameters["threshold"].default == 0.9
+    assert inspect.signature(faces.SCRFDDetector).parameters["threshold"].default == 0.5
+    assert "retinaface.pth" in (faces.RetinaFaceDetector.available() or "retinaface.pth")
+    for cls in (*faces.DETECTORS.values(), *faces.EMBEDDERS.values()):
+        assert not re.search(r"\bports?\b", (cls.__doc__ or "").lower()), cls  # a different model is not a port
+
+
+def test_deepface_alignment_levels_the_eyes():
+    """The eye-angle rotation of Anti-DreamBooth's deepface copy: two dots on a tilted eye line
+    end up on one row."""
+    crop = np.zeros((100, 100, 3), dtype=np.uint8)
+    left, right = (30.0, 40.0), (70.0, 56.0)  # image-left eye higher: a 21.8° tilt
+    for x, y in (left, right):
+        crop[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3] = 255
+    out = faces.deepface_align(crop, left, right)
+    ys, xs = np.nonzero(out[..., 0] > 127)
+    blobs = [ys[xs < 50].mean(), ys[xs >= 50].mean()]
+    assert abs(blobs[0] - blobs[1]) < 1.5, blobs
+    x = faces.deepface_input(out[10:90, 20:80])  # 80x60 crop -> fitted into 112x112 with padding
+    assert x.shape == (112, 112, 3) and x.max() <= 1.0 and (x[:, :5] == 0).all()
+
+
+def test_adb_face_models_run_on_random_weights(astronaut, ctx, tmp_path, monkeypatch):
+    """RetinaFace and ArcFace through the retina-face/deepface packages' own loaders
+    (``weights_only``) on random weights of the real architectures: the code path a user with
+    the weights takes (values mean nothing)."""
+    pytest.importorskip("retinaface")
+    pytest.importorskip("deepface")
+    from deepface.models.facial_recognition.pytorch import ArcFace
+    from retinaface.model import retinaface_pth_model
+
+    weights = tmp_path / ".deepface" / "weights"
+    weights.mkdir(parents=True)
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    torch.save(retinaface_pth_model.RetinaFace().state_dict(), weights / "retinaface.pth")
+    torch.save(ArcFace.base_model().state_dict(), weights / "arcface_weights.pth")
+    faces._cached_detector.cache_clear()
+    faces._cached_embedder.cache_clear()
+    value = face_metrics.FaceDetectionFailureRate(detector="retinaface").score(
+        MetricInputs(generated={"p": astronaut.set_B[:1]}), ctx)
+    assert 0.0 <= value.value <= 1.0 and "threshold 0.9" in value.details["detector_model"]
+    embedder = faces.get_embedder("arcface")
+    img = (astronaut.set_B[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    e = embedder.embed(img, faces.Face((8, 8, 56, 60), 0.99, np.array([[22, 28], [42, 30], [32, 40], [24, 50], [40, 51]])))
+    assert e.shape == (512,) and np.isfinite(e).all()
+    faces._cached_detector.cache_clear()
+    faces._cached_embedder.cache_clear()
 
 
 def test_serfiq_normalisation():
@@ -256,13 +315,15 @@ def test_fid_and_kid_statistics():
 @pytest.mark.parametrize("factory", [
     lambda: face_metrics.SERFIQ(),
     lambda: face_metrics.IdentityScoreMatching(embedder="arcface"),
+    lambda: face_metrics.IdentityScoreMatching(embedder="arcface-insightface"),
     lambda: face_metrics.FaceDetectionFailureRate(detector="retinaface"),
+    lambda: face_metrics.FaceDetectionFailureRate(detector="scrfd"),
     lambda: quality.LIQE(),
     lambda: quality.CLIPIQA(),
     lambda: quality.BRISQUE(implementation="pyiqa"),
     lambda: fidelity.LPIPS(),
     lambda: distribution.FID(),
-], ids=["ser-fiq", "ism-arcface", "fdfr-retinaface", "liqe", "clip-iqa", "brisque-pyiqa", "lpips", "fid"])
+], ids=["ser-fiq", "ism-arcface", "ism-arcface-insightface", "fdfr-retinaface", "fdfr-scrfd", "liqe", "clip-iqa", "brisque-pyiqa", "lpips", "fid"])
 def test_unavailable_metrics_say_why(factory, empty_caches, astronaut, ctx):
     metric = factory()
     message = metric.available()

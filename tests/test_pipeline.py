@@ -281,3 +281,17 @@ def test_dreambooth_batch_of_two_sees_every_image_and_fused_adamw_matches(tmp_pa
             sum((p ** 2).sum() for p in ps).backward()
             opt.step()
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(w, v))
+
+
+def test_leaderboard_header_names_the_face_models():
+    """FDFR/ISM depend on the detector, its threshold and the embedder: the header says which."""
+    import pandas as pd
+
+    details = {"detector": "retinaface", "detector_model": "RetinaFace-R50 (retina-face, PyTorch), threshold 0.9",
+               "embedder_model": "ArcFace ResNet-34 (deepface, PyTorch)", "no_face": "drop"}
+    df = pd.DataFrame([{"metric": "ism", "identity": "a", "details": details},
+                       {"metric": "psnr", "identity": "a", "details": {}}])
+    text = leaderboard.header({"suite": "s"}, df)
+    assert "- Face models: `ism`: detector RetinaFace-R50 (retina-face, PyTorch), threshold 0.9, embedder " \
+           "ArcFace ResNet-34 (deepface, PyTorch), images without a face: drop." in text
+    assert "Face models" not in leaderboard.header({}, df[df["metric"] == "psnr"])

@@ -7,12 +7,15 @@ _M = "benchbase_plugins.metrics"
 
 @hookimpl
 def register_metrics(register):
-    register("fdfr", f"{_M}.face_metrics:FaceDetectionFailureRate", version="1",
-             description="face detection failure rate of generated images (MTCNN default, RetinaFace optional)")
+    register("fdfr", f"{_M}.face_metrics:FaceDetectionFailureRate", version="2",
+             description="face detection failure rate of generated images (MTCNN default; retinaface = "
+                         "Anti-DreamBooth's RetinaFace-R50 at 0.9, scrfd = insightface SCRFD at 0.5)")
     register("ism", f"{_M}.face_metrics:IdentityScoreMatching", version="2",
-             description="cosine of the largest generated face to the mean clean reference embedding (dlib default)")
-    register("ser-fiq", f"{_M}.face_metrics:SERFIQ", version="1",
-             description="SER-FIQ face quality, 100 dropout passes (needs FaceNet VGGFace2 weights)")
+             description="cosine of the largest generated face to the mean clean reference embedding (dlib default; "
+                         "arcface = Anti-DreamBooth's deepface ResNet-34 ArcFace)")
+    register("ser-fiq", f"{_M}.face_metrics:SERFIQ", version="2",
+             description="SER-FIQ face quality on FaceNet (VGGFace2), 100 dropout passes (needs its weights; "
+                         "the original's MXNet ArcFace is not available)")
     register("brisque", f"{_M}.quality:BRISQUE", version="1",
              description="BRISQUE no-reference quality (brisque package, offline; pyiqa optional)")
     register("liqe", f"{_M}.quality:LIQE", version="2",

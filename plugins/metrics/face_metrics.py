@@ -25,17 +25,20 @@ class FaceDetectionFailureRate(Metric):
     """FDFR (Anti-DreamBooth, Le et al., ICCV'23): fraction of generated images in which the
     detector finds no face; per prompt and pooled over prompts. Higher favours the protector.
 
-    Anti-DreamBooth detects with RetinaFace (deepface); ``detector = "auto"`` (default) is
-    MTCNN (facenet-pytorch, weights in the wheel), or the world's own detector on a backend
-    that brings one (``mini``). ``details.face_det_score`` is the soft form
-    (MetaCloak): mean confidence of the best face, 0 when none.
+    Anti-DreamBooth detects with RetinaFace-R50 at threshold 0.9 (``detector = "retinaface"``,
+    the ``retina-face`` package); ``"scrfd"`` is insightface's SCRFD-10GF at 0.5, a different
+    detector. ``detector = "auto"`` (default) is MTCNN (facenet-pytorch, weights in the wheel),
+    or the world's own detector on a backend that brings one (``mini``). ``details`` name the
+    detector, its model and threshold (``detector_model``), which the leaderboard header
+    prints. ``details.face_det_score`` is the soft form (MetaCloak): mean confidence of the
+    best face, 0 when none.
     """
 
     direction: ClassVar[str] = "higher"
     reads: ClassVar[tuple[str, ...]] = ("generated",)
 
     class Params(Params):
-        detector: Literal["auto", "mtcnn", "retinaface", "mini"] = "auto"
+        detector: Literal["auto", "mtcnn", "retinaface", "scrfd", "mini"] = "auto"
         of: Literal["generated", "protected", "purified", "clean"] = "generated"
 
     def available(self) -> str | None:
@@ -51,7 +54,7 @@ class FaceDetectionFailureRate(Metric):
             found = detector.detect(images)
             failures[group] = [0.0 if f else 1.0 for f in found]
             confidences += [max((x.score for x in f), default=0.0) for f in found]
-        value = aggregate(failures, detector=name)
+        value = aggregate(failures, detector=name, detector_model=faces.describe(detector))
         value.details["face_det_score"] = float(np.mean(confidences)) if confidences else float("nan")
         return value
 
@@ -102,8 +105,8 @@ class IdentityScoreMatching(Metric):
     always_reads: ClassVar[tuple[str, ...]] = ("references", "clean", "set_A")
 
     class Params(Params):
-        detector: Literal["auto", "mtcnn", "retinaface", "mini"] = "auto"
-        embedder: Literal["auto", "dlib", "arcface", "facenet-vggface2", "mini"] = "auto"
+        detector: Literal["auto", "mtcnn", "retinaface", "scrfd", "mini"] = "auto"
+        embedder: Literal["auto", "dlib", "arcface", "arcface-insightface", "facenet-vggface2", "mini"] = "auto"
         reference: Literal["set_C", "adb"] = "set_C"
         no_face: Literal["drop", "whole-image"] = "drop"
         of: Literal["generated", "protected", "purified"] = "generated"
@@ -141,7 +144,8 @@ class IdentityScoreMatching(Metric):
             embs, missing = _largest_face_embeddings(images, detector, embedder, no_face)
             without_face += missing
             per_group[group] = [None if e is None else _cosine(e, centre) for e in embs]
-        return aggregate(per_group, detector=det_name, embedder=emb_name, reference=self.params.reference,
+        return aggregate(per_group, detector=det_name, embedder=emb_name, detector_model=faces.describe(detector),
+                         embedder_model=faces.describe(embedder), reference=self.params.reference,
                          reference_faces=len(ref_embs), no_face=no_face, images_without_face=without_face)
 
 
@@ -166,9 +170,12 @@ class SERFIQ(Metric):
     MTCNN with thresholds (0.6, 0.7, 0.8) and a 50-px minimum face; T = 100 passes with
     dropout through an embedder that has a dropout layer; ``serfiq_quality`` gives the
     published normalisation. Undetected images are skipped. Lower favours the protector.
-    The original model is InsightFace's MXNet ArcFace with dropout (not redistributable
-    here); the default backend is FaceNet InceptionResnetV1 (VGGFace2), which the SER-FIQ
-    paper also evaluates — numbers differ between backends.
+    The original model is InsightFace's MXNet ArcFace with a dropout layer kept at inference
+    (``FaceImageQuality`` in Anti-DreamBooth's ``evaluations``); insightface's ONNX recognition
+    models have no dropout node (dropout is dropped at export), so they cannot give the
+    stochastic passes. The backend here is FaceNet InceptionResnetV1 (VGGFace2), which the
+    SER-FIQ paper also evaluates — numbers differ between backends; suites label the column
+    ``ser-fiq-facenet`` and ``details.embedder`` records it.
     """
 
     direction: ClassVar[str] = "lower"
@@ -204,4 +211,5 @@ class SERFIQ(Metric):
                 embs = embedder.stochastic_embeddings(arr, face, self.params.passes, generator=ctx.generator)
                 values.append(serfiq_quality(embs))
             per_group[group] = values
-        return aggregate(per_group, embedder=self.params.embedder, passes=self.params.passes)
+        return aggregate(per_group, embedder=self.params.embedder, passes=self.params.passes,
+                         detector_model=faces.describe(detector), embedder_model=faces.describe(embedder))

