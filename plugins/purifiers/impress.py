@@ -78,7 +78,7 @@ class IMPRESS(Purifier):
     float32 on the promoted inputs, as the ``lpips`` package does with float16 inputs. Many
     per-pixel Adam updates then fall below half a float16 ulp and round away (see
     docs/purifiers.md). ``"float32"`` is the same algorithm without that rounding. Half
-    precision runs on CPU too, but tens of times slower than float32.
+    precision runs on CPU too, but several times slower than float32.
 
     ``vae``: ``"backend"`` (default) uses the backend's VAE (SD-2.1-base in the protocol, the
     VAE the reference uses), or a diffusers folder / hub id holding a ``vae/`` subfolder.
