@@ -2,7 +2,7 @@
 changes, float16 (the release) against float32, and how far the output ends from the input
 and from the input plus the initial noise alone.
 
-    python benchmarks/impress_precision.py                         # mini world's VAE, 64 and 512 px, CPU
+    python benchmarks/impress_precision.py                         # mini world VAE, 64 px, CPU (minutes)
     python benchmarks/impress_precision.py --backend sd --model stabilityai/stable-diffusion-2-1-base \
         --sides 512 --iterations 200 --device cuda                 # the protocol's VAE (needs its weights)
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="mini", help="mini (default), tiny, or sd")
     parser.add_argument("--model", default=None, help="the sd backend's model folder or hub id")
-    parser.add_argument("--sides", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--sides", type=int, nargs="+", default=[64])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--lpips", default="tiny", help="tiny (offline stand-in, default) or vgg")
