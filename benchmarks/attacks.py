@@ -243,8 +243,10 @@ def run_one(name: str, full: bool, memory_options: bool, n_images: int) -> dict:
     per_outer = (ticks[-1] - ticks[0]) / outer if len(ticks) > 1 else total
     if name == "caat":  # joint iterations: each is one pixel-gradient step (no eot_grad call)
         steps = {"n": outer, "s": per_outer * outer}
-    ref = _reference_costs(ctx, identity.set_B, params.get("precision", "context"),
-                           params.get("gradient_checkpointing", False))
+    precision = params.get("precision", getattr(attack.params, "precision", "context"))
+    if precision == "release":  # the method's released weight dtype (plugins/attacks/_precision.py)
+        precision = getattr(attack, "release_precision", "context")
+    ref = _reference_costs(ctx, identity.set_B, precision, params.get("gradient_checkpointing", False))
     step = steps["s"] / max(1, steps["n"])
     return {"attack": name, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "resolution": res, "batch": n_images, "total_s": total, "outer_iterations": outer,

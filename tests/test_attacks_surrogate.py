@@ -273,3 +273,128 @@ def test_adaptive_attacks_see_the_threat(env):
     assert calls and all(calls)  # the gradient flowed through the purifier view
     assert ctx.info["adaptive"] is True and ctx.info["caat_prompt"] == "a photo of a face"
     assert linf_levels(out, env["identity"].set_B) <= 6.375 + 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# As released: surrogate precision, MetaCloak's data order, pool and unscaled images
+# ---------------------------------------------------------------------------------------
+
+
+def _fraction_changed(after: dict, before: dict, prefix: str) -> float:
+    changed = sum(int((after[k] != before[k]).sum()) for k in after if k.startswith(prefix))
+    return changed / sum(after[k].numel() for k in after if k.startswith(prefix))
+
+
+def test_release_precision_keeps_the_surrogate_in_bf16_where_lr_5e7_updates_round_away(env):
+    """The official ASPL loop trains pure bf16 weights at lr 5e-7: almost every AdamW update is
+    below half a bf16 ulp, so the surrogate stays the base model. The fp32 option fine-tunes."""
+    from benchbase_plugins.attacks.aspl import ASPL
+
+    fractions = {}
+    for precision in ("release", "fp32"):
+        ctx = _ctx(env)
+        attack = ASPL(precision=precision, **CLASS)
+        member = attack._member(ctx, ctx.backend, ctx.prompts, 2)
+        expected = torch.bfloat16 if precision == "release" else torch.float32
+        assert {p.dtype for _, p in member.surrogate.named} == {expected}
+        assert member.models.vae.dtype == expected  # the VAE too, as train_one_epoch casts it
+        before = member.surrogate.state()
+        attack._train(member, env["identity"].set_A, ctx.prompts, ctx)  # one 3-step surrogate call
+        fractions[precision] = _fraction_changed(member.surrogate.state(), before, "unet.")
+    assert ASPL().params.precision == "release" and ASPL().params.learning_rate == 5e-7
+    assert fractions["release"] < 0.02, fractions  # ≈ 0.4 % on this UNet
+    assert fractions["fp32"] > 0.9, fractions
+
+
+def test_release_precision_of_each_method():
+    from benchbase_plugins.attacks._precision import weights_precision
+    from benchbase_plugins.attacks.aspl import ASPL
+    from benchbase_plugins.attacks.fsmg import FSMG
+    from benchbase_plugins.attacks.metacloak import MetaCloak
+    from benchbase_plugins.attacks.simac import SimAC
+
+    assert weights_precision("release", SimAC.release_precision) == "bf16"
+    assert FSMG()._precision() == "fp32"  # train_dreambooth.py keeps fp32 master weights
+    assert FSMG(precision="bf16")._precision() == "bf16"
+    assert MetaCloak()._dtypes() == ("bf16", torch.float16)  # bf16 training, fp16 PGD
+    assert MetaCloak(precision="fp32")._dtypes() == ("fp32", None)
+    assert weights_precision("context", ASPL.release_precision) == "context"
+
+
+def _metacloak_spy(monkeypatch):
+    """Records (instance images, steps, offset) of every Surrogate.train_steps call."""
+    from benchbase_plugins.attacks import _surrogate
+
+    calls = []
+    original = _surrogate.Surrogate.train_steps
+
+    def spy(self, images, steps, *args, offset=0, **kwargs):
+        calls.append((images.detach().clone(), steps, offset))
+        return original(self, images, steps, *args, offset=offset, **kwargs)
+
+    monkeypatch.setattr(_surrogate.Surrogate, "train_steps", spy)
+    return calls
+
+
+def _which(rows: torch.Tensor, originals: torch.Tensor) -> list[int]:
+    """Index of the original image each row is (a perturbation is ≤ 11 levels; images differ more)."""
+    dist = (rows[:, None] - originals[None]).abs().flatten(2).mean(-1)
+    return dist.argmin(1).tolist()
+
+
+def test_metacloak_reshuffles_instance_images_in_every_training_call(env, monkeypatch):
+    """The released dataset permutes set_B each time it is built (every 2-step meta-training call),
+    so all four images are trained on; restarting at index 0 would only ever use images 0 and 1."""
+    from benchbase_plugins.attacks.metacloak import MetaCloak
+
+    identity = sample_identity("astronaut", 64, images_per_set=4)
+    x0 = identity.set_B
+    calls = _metacloak_spy(monkeypatch)
+    ctx = make_context(backend=env["backend"], identity=identity, seed=0, store_dir=env["store"])
+    attack = MetaCloak(total_trial_num=1, pool_train_steps=2, pool_interval=8, advance_steps=2,
+                       defense_pgd_step_num=1, precision="fp32", paper_quirks=False, **CLASS)
+    attack.protect(x0.clone(), ctx)
+    meta = calls  # the pool is the base model alone here (its only save point is step 0)
+    assert len(meta) == 4 and all(steps == 2 and offset == 0 for _, steps, offset in meta)
+    used = [_which(images[:steps], x0) for images, steps, _ in meta]
+    assert all(len(set(u)) == 2 for u in used)
+    assert set().union(*map(set, used)) == {0, 1, 2, 3}, used
+    assert len({tuple(u) for u in used}) > 1  # a fresh order per call, not one fixed permutation
+
+
+def test_metacloak_pool_is_saved_before_the_step_as_released(env, monkeypatch):
+    """train_few_step saves at the start of step 0 and of every step with (step+1) % interval == 0:
+    the first pool state is the base model itself, the next has `interval − 1` updates."""
+    from benchbase_plugins.attacks._surrogate import Surrogate, class_latents, load_models
+    from benchbase_plugins.attacks.metacloak import MetaCloak
+
+    assert MetaCloak()._save_points() == [0, 199, 399, 599, 799, 999]
+    assert MetaCloak(pool_train_steps=1100)._save_points() == [0, 199, 399, 599, 799, 999]
+    attack = MetaCloak(pool_train_steps=5, pool_interval=2, precision="fp32", learning_rate=1e-3, **CLASS)
+    assert attack._save_points() == [0, 1, 3]
+    calls = _metacloak_spy(monkeypatch)
+    ctx = _ctx(env)
+    s = Surrogate(load_models(ctx, "fp32"), "full")
+    base = s.state("cpu")
+    pool = attack.model_pool(s, env["identity"].set_B, ctx.prompts, ctx, class_latents(ctx, s.models, attack.params,
+                                                                                        ctx.prompts))
+    assert len(pool) == 3 and all(torch.equal(pool[0][k], base[k]) for k in base)
+    assert [(steps, offset) for _, steps, offset in calls] == [(1, 0), (2, 1)]  # 1 update, then 3 in all
+    assert _fraction_changed(pool[1], base, "unet.") > 0.5
+    # one dataset for the whole pool run: the same instance order in every chunk
+    assert torch.equal(calls[0][0], calls[1][0])
+
+
+def test_metacloak_trains_on_unscaled_instance_images_as_released(env, monkeypatch):
+    """paper_quirks (default): the VAE of the training steps sees instance pixels in [0, 255]
+    (encode_images computes 2x − 1 of what it is given); the PGD still sees [−1, 1]."""
+    from benchbase_plugins.attacks.metacloak import MetaCloak
+
+    x = env["identity"].set_B
+    assert MetaCloak().params.paper_quirks is True
+    assert torch.allclose(2 * MetaCloak()._instance_view(x) - 1, 255 * x)
+    assert torch.equal(MetaCloak(paper_quirks=False)._instance_view(x), x)
+    calls = _metacloak_spy(monkeypatch)
+    MetaCloak(total_trial_num=1, pool_train_steps=2, pool_interval=2, advance_steps=1, defense_pgd_step_num=1,
+              **CLASS).protect(x.clone(), _ctx(env))
+    assert calls and all(float(images.max()) > 100 for images, _, _ in calls)  # ≈ (255·x + 1) / 2

@@ -23,6 +23,8 @@ from benchbase.components import Attack, Context, Prompts
 from benchbase.images import load_image, to_uint8
 from benchbase.models.sd import SDModels
 
+from ._precision import Precision
+
 # ---------------------------------------------------------------------------------------
 # Parameters every surrogate-training attack shares (official Anti-DreamBooth values)
 # ---------------------------------------------------------------------------------------
@@ -45,9 +47,11 @@ class SurrogateParams(Attack.Params):
     adam_epsilon: float = 1e-8
     #: the released ASPL loop writes clip_grad_norm_(…, 1.0) on a consumed iterator, i.e. no clipping
     max_grad_norm: float | None = None
+    #: weights of the surrogate (see ``_precision``): "release" = what the method's release does
+    #: (pure bf16 for ASPL/SimAC/MetaCloak, whose lr-5e-7 updates then round away; fp32 for FSMG),
+    #: "fp32" = a real fp32 fine-tune (a different attack), "bf16", "context" = the run's dtype
+    precision: Precision = "release"
     # --- memory / speed options (none changes the algorithm) ---
-    #: "context": the run's dtype (fp32 on CPU). "bf16": pure bf16 weights, as the official loops.
-    precision: Literal["context", "fp32", "bf16"] = "context"
     gradient_checkpointing: bool = False
     #: encode the class images' VAE posterior once and draw a fresh sample each step (same
     #: distribution as encoding every step, one VAE forward less per step)

@@ -1,11 +1,12 @@
 """ASPL (Anti-DreamBooth, Le et al., ICCV 2023, arXiv 2303.15433), with its targeted (T-ASPL)
-and ensemble (E-ASPL) variants (algorithms.md §1.2–1.3)."""
+and ensemble (E-ASPL) variants: VinAIResearch/Anti-DreamBooth ``attacks/aspl.py``,
+``attacks/ensemble_aspl.py``, ``scripts/attack_with_aspl.sh``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -13,6 +14,7 @@ from pydantic import Field
 from benchbase.components import Attack, Context, Prompts
 
 from ._pgd import pgd
+from ._precision import weights_precision
 from ._surrogate import (
     ClassLatents,
     Surrogate,
@@ -50,6 +52,11 @@ class ASPL(Attack):
     Budget 6.375 levels (= 0.05 in [−1,1]). The saved/restored θ is a state dict of the
     trainable tensors (the released code deep-copies the models twice per iteration).
 
+    ``precision = "release"`` (default): UNet, text encoder and VAE in pure bf16 weights, as
+    ``train_one_epoch`` and ``pgd_attack`` cast them (``aspl.py`` ``weight_dtype =
+    torch.bfloat16``); at lr 5e-7 nearly every surrogate update rounds away, so θ' ≈ θ ≈ the base
+    model. ``precision = "fp32"``: the surrogate really fine-tunes (a different attack).
+
     ``target_image``: T-ASPL — ascend ``L_DM − MSE(DDPM step of ε̂, q(z_target, ε, t−1))``.
     ``ensemble``: E-ASPL — extra backends (``{"name": "sd", "model": ...}``); every member runs the
     sub-steps from the same x_B and the new x_B is the mean of their results (released code).
@@ -66,6 +73,8 @@ class ASPL(Attack):
 
     supports_adaptive = True
     method = "aspl"
+    #: the weight dtype of the released loop (``precision = "release"``)
+    release_precision: ClassVar[str] = "bf16"
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -82,7 +91,7 @@ class ASPL(Attack):
 
     def _member(self, ctx: Context, backend, prompts: Prompts, n: int) -> Member:
         p = self.params
-        models = load_models(ctx, p.precision, backend=backend)
+        models = load_models(ctx, weights_precision(p.precision, self.release_precision), backend=backend)
         surrogate = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder,
                               p.lora_rank or 4, p.gradient_checkpointing, generator=ctx.generator)
         cl = class_latents(ctx.with_(backend=backend), models, p, prompts, needed=self._class_images_used())
@@ -162,6 +171,7 @@ class ASPL(Attack):
                     last = losses[-1]
             x = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
         ctx.info.update({f"{self.method}_pgd_loss_first": first, f"{self.method}_pgd_loss_last": last,
+                         "surrogate_dtype": str(members[0].models.dtype).removeprefix("torch."),
                          "surrogates": len(members), "targeted": p.target_image is not None,
                          "adaptive": ctx.threat is not None})
         return x.detach().cpu()

@@ -1,7 +1,9 @@
-"""FSMG (Fully-trained Surrogate Model Guidance, Anti-DreamBooth, Le et al., ICCV 2023),
-algorithms.md §1.3."""
+"""FSMG (Fully-trained Surrogate Model Guidance, Anti-DreamBooth, Le et al., ICCV 2023):
+VinAIResearch/Anti-DreamBooth ``train_dreambooth.py`` + ``attacks/fsmg.py``, ``scripts/attack_with_fsmg.sh``."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -9,6 +11,7 @@ from pydantic import Field
 from benchbase.components import Attack, Context
 
 from ._pgd import pgd
+from ._precision import weights_precision
 from ._surrogate import (
     Surrogate,
     SurrogateParams,
@@ -34,6 +37,11 @@ class FSMG(Attack):
     trained, grad clip 1.0. Stage 2: 100 PGD ascent steps of ``L_DM(x_B; θ*, "a photo of sks
     person")`` on set_B, α 0.6375 levels, ε 6.375 levels (0.005 / 0.05 in [−1,1]); the surrogate
     is never updated. ``target_image`` gives T-FSMG (same targeted term as T-ASPL).
+
+    ``precision = "release"`` (default) is fp32 weights: ``train_dreambooth.py`` refuses
+    non-fp32 trainable weights and trains them under ``--mixed_precision=bf16`` autocast (fp32
+    master weights, so lr 5e-7 updates do apply), and ``attacks/fsmg.py`` is launched without
+    ``--mixed_precision``. The bf16 autocast of the release's compute is not reproduced.
     """
 
     class Params(SurrogateParams):
@@ -47,6 +55,10 @@ class FSMG(Attack):
         target_image: str | None = None
 
     supports_adaptive = True
+    release_precision: ClassVar[str] = "fp32"
+
+    def _precision(self) -> str:
+        return weights_precision(self.params.precision, self.release_precision)
 
     def _recipe(self) -> dict:
         p = self.params
@@ -54,7 +66,9 @@ class FSMG(Attack):
                 "num_class_images", "class_inference_steps", "class_guidance_scale", "adam_beta1",
                 "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm", "precision",
                 "lora_rank", "surrogate_train_steps", "surrogate_batch_size", "surrogate_seed")
-        return {k: getattr(p, k) for k in keys}
+        recipe = {k: getattr(p, k) for k in keys}
+        recipe["precision"] = self._precision()  # "release" and "fp32" train the same θ*
+        return recipe
 
     def surrogate_folder(self, ctx: Context, prompts) -> Path:  # noqa: F821
         """The shared stage holding θ* (trained once; later cells load it)."""
@@ -68,7 +82,7 @@ class FSMG(Attack):
 
             # its own generator: a cache hit and a miss must leave ctx.generator's stream equal
             gen = seeded_generator("fsmg", key["set_A"], p.surrogate_seed)
-            models = load_models(ctx, p.precision)
+            models = load_models(ctx, self._precision())
             s = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder, p.lora_rank or 4,
                           p.gradient_checkpointing, generator=gen)
             cl = class_latents(ctx, models, p, prompts)
@@ -86,7 +100,7 @@ class FSMG(Attack):
 
         p = self.params
         folder = self.surrogate_folder(ctx, prompts)
-        models = load_models(ctx, p.precision)
+        models = load_models(ctx, self._precision())
         gen = seeded_generator("fsmg-lora-init", p.surrogate_seed)  # LoRA init is overwritten by the load
         s = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder, p.lora_rank or 4,
                       p.gradient_checkpointing, generator=gen)

@@ -1,8 +1,12 @@
 """MetaCloak (Liu et al., CVPR 2024): a model pool of DreamBooth training states, a meta loop
 that alternates PGD and short surrogate training on each state, and expectation over
-transformations (Gaussian blur k = 7 + horizontal flip). algorithms.md §1.8."""
+transformations (Gaussian blur k = 7 + horizontal flip). Released code: liuyixin-louis/MetaCloak
+``robust_facecloak/attacks/algs/metacloak.py``, ``robust_facecloak/attacks/worker/robust_pgd_worker.py``,
+``robust_facecloak/model/db_train.py``, ``script/sub/gen/metacloak.sh``, ``script/methods_config.sh``."""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +15,7 @@ from pydantic import Field
 from benchbase.components import Attack, Context
 
 from ._pgd import pgd
+from ._precision import DTYPES, cast_for, weights_precision
 from ._surrogate import (
     Surrogate,
     SurrogateParams,
@@ -55,15 +60,36 @@ class MetaCloak(Attack):
     """MetaCloak (Liu et al., CVPR'24), release configuration on SD-2.1-base.
 
     1. Model pool: DreamBooth on the clean set_B for ``pool_train_steps`` = 1000 steps (1 + 1
-       images, lr 5e-7, prior weight 1.0, text encoder trained); the trainable state is kept at
-       steps {0, 199, 399, 599, 799, 999} (every ``pool_interval`` = 200) → 6 states (on the CPU).
+       images, lr 5e-7, prior weight 1.0, text encoder trained, one AdamW); the trainable state
+       is saved at the *start* of steps {0, 199, 399, 599, 799, 999} (``train_few_step``:
+       ``step == 0 or (step + 1) % interval == 0``, before that step's update) → 6 states, the
+       first being the base model itself, the others after 199, 399, … updates (on the CPU).
     2. Meta loop, ``total_trial_num`` = 4 times over the pool: load each state, then
        ``pool_interval / advance_steps`` = 100 times: 6 sign-ascent steps of 1.1 levels on
        ``L_DM(T(x))`` (T = blur k 7 + flip, one draw per step), projected to x0 ± 11 levels,
        then ``advance_steps`` = 2 DreamBooth steps on the perturbed images (fresh AdamW).
     Budget 11 levels (r = 11 on [0,255]). The inner REM attacker of the code is disabled in the
-    release scripts (radius 0) and is not implemented. The official saves by truncation; the
-    suite default is rounding (``quantization = "truncate"`` for the code-faithful file).
+    release scripts (``--attack_pgd_radius=0``) and is not implemented. The official saves by
+    truncation; the suite default is rounding (``quantization = "truncate"`` for the
+    code-faithful file).
+
+    As released, by default:
+
+    - **data order**: ``DreamBoothDatasetFromTensor`` (``model/db_train.py``, ``shuffle=True``)
+      permutes the instance images when it is built, i.e. once for the pool's 1000-step run and
+      afresh in every 2-step meta-training call, so every set_B image is trained on; the
+      permutations come from ``ctx.generator``. Class images are taken in order from index 0 in
+      every call (the dataset indexes them by step), as released.
+    - **precision** (``precision = "release"``): training in pure bf16 weights
+      (``train_few_step``: ``weight_dtype = torch.bfloat16``), PGD with the modules cast to fp16
+      (``robust_pgd_worker.py`` ``perturb`` with the script's ``--mixed_precision=fp16``) and
+      back, every round — fp16 runs on CPU too (slowly). The release also keeps the PGD iterate
+      itself in fp16 on the [0, 255] scale; that is not reproduced (x stays fp32).
+    - **unscaled instance images** (``paper_quirks = true``): the pool and meta training steps
+      feed the *instance* images to the VAE in [0, 255] (``load_data`` returns 0..255 floats and
+      the dataset does not normalise tensors), the class images in [−1, 1]. The PGD itself sees
+      [−1, 1] (its transform ends with ``Normalize(127.5, 127.5)``). ``paper_quirks = false``
+      trains on [−1, 1] instance images, as the paper describes DreamBooth.
     """
 
     class Params(SurrogateParams):
@@ -76,35 +102,70 @@ class MetaCloak(Attack):
         advance_steps: int = Field(2, ge=1)
         eot_samples: int = Field(1, ge=1)  # defense_sample_num
         blur_kernel_size: int = 7
-        random_start: bool = False  # the attacker's flag; the release value is not recorded
+        #: metacloak.sh does not pass --defense_pgd_random_start
+        random_start: bool = False
+        #: the release's quirks: instance images in [0, 255] into the VAE in the training steps
+        paper_quirks: bool = True
 
     supports_adaptive = True
+    #: training weights of the release (its PGD casts them to fp16: see ``_dtypes``)
+    release_precision: ClassVar[str] = "bf16"
 
     def _save_points(self) -> list[int]:
+        """Steps at whose start ``train_few_step(step_wise_save=True)`` saves the state:
+        ``step == 0 or (step + 1) % interval == 0`` (the state then has ``step`` updates)."""
         p = self.params
-        points = {0} | {k * p.pool_interval - 1 for k in range(1, p.pool_train_steps // p.pool_interval + 1)}
-        points.add(p.pool_train_steps - 1)
-        return sorted(s for s in points if s < p.pool_train_steps)
+        return [s for s in range(p.pool_train_steps) if s == 0 or (s + 1) % p.pool_interval == 0]
+
+    def _dtypes(self) -> tuple[str, torch.dtype | None]:
+        """(training precision for ``load_models``, PGD dtype or None = the training dtype)."""
+        p = self.params
+        train = weights_precision(p.precision, self.release_precision)
+        return train, (DTYPES["fp16"] if p.precision == "release" else None)
+
+    def _instance_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What the training steps encode: with ``paper_quirks`` a [0,1] batch whose VAE input
+        (``encode_images`` computes 2x − 1) is the release's 0..255 pixel values."""
+        return (x * 255 + 1) / 2 if self.params.paper_quirks else x
+
+    def _train(self, s: Surrogate, images: torch.Tensor, steps: int, prompts, ctx: Context, cl, *,
+               optimizer=None, offset: int = 0, order: torch.Tensor | None = None) -> torch.Tensor:
+        """DreamBooth steps on ``images`` in the release's order: a fresh permutation of the
+        instance images per dataset (pass ``order`` to continue one dataset across chunks).
+        Returns the permutation used."""
+        p = self.params
+        if order is None:
+            order = torch.randperm(len(images), generator=ctx.generator)
+        s.train_steps(self._instance_view(images[order.to(images.device)]), steps, prompts, ctx.generator,
+                      optimizer=optimizer, p=p, class_latents=cl, max_grad_norm=p.max_grad_norm,
+                      prior_loss_weight=p.prior_loss_weight, offset=offset)
+        return order
+
+    def model_pool(self, s: Surrogate, x0: torch.Tensor, prompts, ctx: Context, cl) -> list[dict]:
+        """One long DreamBooth run on the clean set_B (one optimizer, one data order), the state
+        kept at the start of every save point (``metacloak.py`` ``train_few_step``)."""
+        pool, done, order = [], 0, None
+        optimizer = s.optimizer(self.params)
+        for point in self._save_points():
+            if point > done:
+                order = self._train(s, x0, point - done, prompts, ctx, cl, optimizer=optimizer,
+                                    offset=done, order=order)
+                done = point
+            pool.append(s.state("cpu"))
+        return pool
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
         purify, prompts = threat_view(ctx)
         x0 = images.to(ctx.device, torch.float32)
-        models = load_models(ctx, p.precision)
+        train_precision, pgd_dtype = self._dtypes()
+        models = load_models(ctx, train_precision)
         s = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder, p.lora_rank or 4,
                       p.gradient_checkpointing, generator=ctx.generator)
         cl = class_latents(ctx, models, p, prompts)
 
-        # 1. model pool: one long DreamBooth run on clean set_B, one optimizer, states kept
-        pool, done = [], 0
-        optimizer = s.optimizer(p)
-        for point in self._save_points():
-            s.train_steps(x0, point + 1 - done, prompts, ctx.generator, optimizer=optimizer, p=p,
-                          class_latents=cl, max_grad_norm=p.max_grad_norm, prior_loss_weight=p.prior_loss_weight,
-                          offset=done)
-            done = point + 1
-            pool.append(s.state("cpu"))
-        del optimizer
+        # 1. model pool
+        pool = self.model_pool(s, x0, prompts, ctx, cl)
 
         # 2. meta loop
         eot = BlurFlip(ctx.generator, p.blur_kernel_size)
@@ -119,18 +180,19 @@ class MetaCloak(Attack):
         for k in outer:
             s.load_state({n: v.to(ctx.device) for n, v in pool[k % len(pool)].items()})
             for _ in range(rounds):
-                cond = s.encode_prompts([prompts.instance] * len(x0))
-                with s.frozen():
+                with cast_for(models, pgd_dtype), s.frozen():
+                    cond = s.encode_prompts([prompts.instance] * len(x0))
                     x, losses = pgd(x0, lambda v, c=cond: self._loss(s, v, c, ctx), p.eps, p.pgd_alpha,
                                     p.defense_pgd_step_num, start=x, transform=transform, eot_samples=p.eot_samples)
                 if losses:
                     first = losses[0] if first is None else first
                     last = losses[-1]
                 train_on = x if purify is None else purify(x).detach()
-                s.train_steps(train_on, p.advance_steps, prompts, ctx.generator, p=p, class_latents=cl,
-                              max_grad_norm=p.max_grad_norm, prior_loss_weight=p.prior_loss_weight)
+                self._train(s, train_on, p.advance_steps, prompts, ctx, cl)
         ctx.info.update(metacloak_pool_states=len(pool), metacloak_pgd_loss_first=first,
-                        metacloak_pgd_loss_last=last, adaptive=ctx.threat is not None)
+                        metacloak_pgd_loss_last=last, adaptive=ctx.threat is not None,
+                        surrogate_dtype=str(models.dtype).removeprefix("torch."),
+                        pgd_dtype=str(pgd_dtype or models.dtype).removeprefix("torch."))
         return x.detach().cpu()
 
     @staticmethod

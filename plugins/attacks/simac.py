@@ -1,5 +1,5 @@
 """SimAC (Wang et al., CVPR 2024): ASPL with adaptive greedy timestep selection and a
-feature-interference loss (algorithms.md §1.9, released ``attacks/time_feature.py``)."""
+feature-interference loss (somuchtome/SimAC ``attacks/time_feature.py``, ``scripts/attack_timestep.sh``)."""
 
 from __future__ import annotations
 
