@@ -51,8 +51,9 @@ def _cases():
         "mist-textural": lambda: Mist(mode="textural", **STEPS),
         "mist-fused": lambda: Mist(mode="fused", **STEPS),
         "photoguard": lambda: PhotoGuard(steps=6),
-        "photoguard-diffusion": lambda: PhotoGuard(mode="diffusion", steps=3, step_size=2.0, grad_reps=2,
-                                                   sampling_steps=2),
+        # the released 5 EOT repetitions, no random start, constant step (with 2 repetitions and
+        # 3 steps from the clean image the sign of the gradient estimate is too noisy to beat noise)
+        "photoguard-diffusion": lambda: PhotoGuard(mode="diffusion", steps=4, step_size=2.0, sampling_steps=2),
         "sds+": lambda: SDS(sign="+", **STEPS),
         "sds-": lambda: SDS(sign="-", **STEPS),
         "sdst": lambda: SDS(sign="-", target=True, **STEPS),
@@ -253,3 +254,25 @@ def test_bundled_target_is_the_documented_pattern():
 
     assert BUNDLED_TARGET.is_file() and BUNDLED_TARGET.stat().st_size < 100_000
     assert np.array_equal(np.asarray(Image.open(BUNDLED_TARGET).convert("RGB")), make_target_pattern())
+
+
+def test_photoguard_diffusion_defaults_follow_the_linf_notebook_call(env, monkeypatch):
+    """super_linf as the complex notebook's L∞ call runs it: 5 EOT repetitions (its default; the
+    call passes none), no random start, constant step. The encoder attack keeps its own."""
+    from benchbase_plugins.attacks import photoguard as pg
+
+    diffusion, encoder = pg.PhotoGuard(mode="diffusion"), pg.PhotoGuard()
+    assert [diffusion._native(k) for k in ("grad_reps", "random_start", "decay")] == [5, False, False]
+    assert [encoder._native(k) for k in ("random_start", "decay")] == [True, True]
+    calls = []
+    original = pg.PhotoGuard._diffusion_loss
+
+    def counting(self, *args, **kwargs):
+        loss_fn = original(self, *args, **kwargs)
+        return lambda x: calls.append(1) or loss_fn(x)
+
+    monkeypatch.setattr(pg.PhotoGuard, "_diffusion_loss", counting)
+    ctx = make_context(backend=env["backend"], seed=0)
+    attack = pg.PhotoGuard(mode="diffusion", steps=2, sampling_steps=1)
+    attack.protect(env["clean"][:1].clone(), ctx)
+    assert len(calls) == 2 * 5 and ctx.info["eot_samples"] == 5

@@ -1,21 +1,31 @@
-"""PhotoGuard: encoder attack and diffusion attack (algorithms.md §1.6)."""
+"""PhotoGuard: encoder attack and diffusion attack. Released code: MadryLab/photoguard
+``notebooks/demo_simple_attack_img2img.ipynb`` (encoder attack, ``pgd``) and
+``notebooks/demo_complex_attack_inpainting.ipynb`` (diffusion attack, ``super_linf``)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+from pydantic import Field
 from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, load_target
 from benchbase_plugins.attacks._pgd import pgd
 
 from benchbase.components import Attack, Context
 from benchbase.errors import ConfigError
 
-# Native settings per mode, in levels (algorithms.md §0.2): img2img notebook (encoder) and the
-# L∞ option of the "complex" notebook (diffusion).
+# Native settings per mode, in 8-bit levels (the notebooks work in [−1, 1]: ×127.5).
+# encoder: the img2img notebook's ``pgd`` call (eps 0.06, step_size 0.02, iters 1000; uniform
+#   random start; step decayed linearly to step/100).
+# diffusion: the complex notebook's commented L∞ call of ``super_linf`` (eps 0.1, step_size
+#   0.006, iters 200), which passes no ``grad_reps`` — so super_linf's default of 5 EOT
+#   repetitions applies (the L2 call above it passes 10) —, starts from the clean image
+#   (``X_adv = X.clone()``) and keeps the step constant (its decay line is commented out).
 NATIVE = {
-    "encoder": {"eps": 7.65, "step_size": 2.55, "steps": 1000},
-    "diffusion": {"eps": 12.75, "step_size": 0.765, "steps": 200},
+    "encoder": {"eps": 7.65, "step_size": 2.55, "steps": 1000, "decay": True, "random_start": True,
+                "grad_reps": 1},
+    "diffusion": {"eps": 12.75, "step_size": 0.765, "steps": 200, "decay": False, "random_start": False,
+                  "grad_reps": 5},
 }
 
 
@@ -36,13 +46,15 @@ class PhotoGuard(Attack):
 
     ``mode = "diffusion"`` (the "complex" attack): the loss ``‖D(z_0) − x_target‖₂`` is
     backpropagated through a short unrolled sampler (``sampling_steps = 4``, DDIM with
-    ``eta = 1``, prompt ""), the gradient averaged over ``grad_reps = 10`` draws of the
-    sampler's noise (EOT); L∞ option of the notebook: ε 12.75 levels (0.1), α 0.765 (0.006),
-    200 steps. ``x_target = 0`` in the decoder's [−1, 1] range (mid-gray). The official attack
+    ``eta = 1``, prompt ""), the gradient averaged over ``grad_reps = 5`` draws of the
+    sampler's noise (EOT; ``super_linf``'s default — the notebook's L2 call uses 10); L∞ option
+    of the notebook: ε 12.75 levels (0.1), α 0.765 (0.006) constant, 200 steps, no random
+    start. ``x_target = 0`` in the decoder's [−1, 1] range (mid-gray). The official attack
     runs the *inpainting* model, where the image enters through the masked-image channels;
     the backend here is a text-to-image model, so the image enters as an img2img init
     latent at ``strength`` (0.5, the img2img notebook's edit strength) — a documented
-    adaptation. ``eps``/``step_size``/``steps`` left unset take the mode's native values.
+    adaptation. ``eps``/``step_size``/``steps``/``decay``/``random_start``/``grad_reps`` left
+    unset take the mode's native values.
     """
 
     class Params(Attack.Params):
@@ -50,8 +62,8 @@ class PhotoGuard(Attack):
         eps: float | None = None  # levels; None: 7.65 (encoder) / 12.75 (diffusion)
         step_size: float | None = None  # levels, first step of the decay; None: native
         steps: int | None = None  # None: 1000 (encoder) / 200 (diffusion)
-        decay: bool = True
-        random_start: bool = True
+        decay: bool | None = None  # None: True (encoder) / False (diffusion)
+        random_start: bool | None = None  # None: True (encoder) / False (diffusion)
         target: Literal["zero", "gray", "image"] = "zero"
         target_image: str | None = None  # for target = "image"; None: the bundled pattern
         # diffusion mode
@@ -60,7 +72,7 @@ class PhotoGuard(Attack):
         eta: float = 1.0
         prompt: str = ""
         guidance_scale: float = 7.5
-        grad_reps: int = 10
+        grad_reps: int | None = Field(None, ge=1)  # EOT repetitions (diffusion); None: 5
         batch_size: int | None = None
         gradient_checkpointing: bool = False
 
@@ -77,23 +89,24 @@ class PhotoGuard(Attack):
         models = ctx.models()
         enable_memory_options(models, p.gradient_checkpointing)
         steps, alpha = int(self._native("steps")), float(self._native("step_size"))
-        schedule = decaying_step(alpha, steps) if p.decay else alpha
+        schedule = decaying_step(alpha, steps) if self._native("decay") else alpha
         res = images.shape[-1]
         if p.mode == "encoder":
             loss_fn, eot = self._encoder_loss(models, res, ctx), 1
         else:
-            loss_fn, eot = self._diffusion_loss(models, res, ctx), p.grad_reps
+            loss_fn, eot = self._diffusion_loss(models, res, ctx), int(self._native("grad_reps"))
 
         out, first, last = [], [], []
         for part in chunks(len(images), p.batch_size):
             adv, losses = pgd(images[part].to(ctx.device), loss_fn, self.eps, schedule, steps,
-                              generator=ctx.generator, use_random_start=p.random_start, maximize=False,
+                              generator=ctx.generator, use_random_start=bool(self._native("random_start")),
+                              maximize=False,
                               eot_samples=eot, progress=ctx.progress)
             out.append(adv)
             first.extend(losses[:1])
             last.extend(losses[-1:])
         ctx.info.update(objective=f"photoguard {p.mode}: distance to the {p.target} target (minimised)",
-                        loss_first=first, loss_last=last)
+                        loss_first=first, loss_last=last, eot_samples=eot)
         return torch.cat(out)
 
     def _target_image(self, res: int, ctx: Context) -> torch.Tensor | None:
