@@ -32,6 +32,12 @@ class SimAC(ASPL):
        maximised with its gradient, against the original clean image.
 
     Budget: the code's ``pgd_eps=16`` is divided by 255 in [−1,1], i.e. **8 levels**; α 0.6375.
+    Precision as ASPL's: ``time_feature.py`` casts UNet, text encoder and VAE to pure bf16 in
+    ``train_one_epoch``, ``pgd_attack`` and ``select_timestep`` (``precision = "release"``).
+    Selection details that differ (low severity, docs/attacks-surrogate.md): the release draws the
+    5 candidates with replacement, each with its own forward, and takes the PGD step with a fresh
+    forward at the best t; here they are 5 distinct timesteps in one batched pass whose best
+    gradient is reused.
     """
 
     class Params(ASPL.Params):
