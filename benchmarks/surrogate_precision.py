@@ -32,9 +32,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-ADAMW = dict(lr=5e-7, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+ADAMW = {"lr": 5e-7, "betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}
 
 
 def synthetic(n: int = 2**20, steps: int = 3, seed: int = 0) -> dict:
@@ -77,11 +77,16 @@ def _changed(after: dict, before: dict, prefix: str) -> tuple[int, int]:
     return c, n
 
 
-CLASS = dict(num_class_images=3, class_inference_steps=10)
+CLASS = {"num_class_images": 3, "class_inference_steps": 10}
 
 
 def surrogate_steps(store: str) -> dict:
-    from benchbase_plugins.attacks._surrogate import Surrogate, class_latents, load_models
+    from benchbase_plugins.attacks._precision import weights_precision
+    from benchbase_plugins.attacks._surrogate import (
+        Surrogate,
+        class_latents,
+        load_models,
+    )
     from benchbase_plugins.attacks.aspl import ASPL
 
     out = {}
@@ -89,8 +94,6 @@ def surrogate_steps(store: str) -> dict:
         ctx = _mini_context(store)
         attack = ASPL(precision=precision, **CLASS)
         p = attack.params
-        from benchbase_plugins.attacks._precision import weights_precision
-
         models = load_models(ctx, weights_precision(precision, attack.release_precision))
         s = Surrogate(models, "full", p.train_text_encoder)
         cl = class_latents(ctx, models, p, ctx.prompts, needed=p.max_f_train_steps)
@@ -175,7 +178,7 @@ def attack_effect(store: str, outer: int) -> dict:
 def _base_named(ctx, s):
     """The trainable tensors of a fresh base bundle, named like ``Surrogate.state``."""
     fresh = ctx.models()
-    named = dict((f"unet.{n}", p) for n, p in fresh.unet.named_parameters())
+    named = {f"unet.{n}": p for n, p in fresh.unet.named_parameters()}
     named.update((f"text_encoder.{n}", p) for n, p in fresh.text_encoder.named_parameters())
     return [(n, named[n]) for n, _ in s.named]
 

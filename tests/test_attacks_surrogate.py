@@ -365,7 +365,11 @@ def test_metacloak_reshuffles_instance_images_in_every_training_call(env, monkey
 def test_metacloak_pool_is_saved_before_the_step_as_released(env, monkeypatch):
     """train_few_step saves at the start of step 0 and of every step with (step+1) % interval == 0:
     the first pool state is the base model itself, the next has `interval − 1` updates."""
-    from benchbase_plugins.attacks._surrogate import Surrogate, class_latents, load_models
+    from benchbase_plugins.attacks._surrogate import (
+        Surrogate,
+        class_latents,
+        load_models,
+    )
     from benchbase_plugins.attacks.metacloak import MetaCloak
 
     assert MetaCloak()._save_points() == [0, 199, 399, 599, 799, 999]

@@ -31,7 +31,7 @@ from ._precision import Precision
 
 
 class SurrogateParams(Attack.Params):
-    """DreamBooth surrogate recipe of Anti-DreamBooth's ``train_one_epoch`` (algorithms.md §1.2)
+    """DreamBooth surrogate recipe of Anti-DreamBooth's ``train_one_epoch`` (``attacks/aspl.py``)
     plus the memory options of this suite."""
 
     learning_rate: float = 5e-7

@@ -1,4 +1,5 @@
-"""AdvDM(+) / AdvDM(−): PGD on the denoising loss of the FROZEN base model (algorithms.md §1.4)."""
+"""AdvDM(+) / AdvDM(−): PGD on the denoising loss of the FROZEN base model (Liang et al., ICML'23;
+released as xavihart/Diff-Protect ``code/diff_mist.py`` mode ``advdm``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Baselines: no protection, and uniform noise at the attack's budget (algorithms.md §1.11)."""
+"""Baselines: no protection, and uniform noise at the attack's budget (the control every attack must beat)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CAAT (Xu et al., CVPR 2024): joint image ascent and cross-attention K/V training
-(released ``CAAT.py``, ``scripts/train_CAAT.sh``; algorithms.md §1.10)."""
+(CO2-cityao/CAAT ``CAAT.py``, ``scripts/train_CAAT.sh``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mist: semantic / textural / fused protection on the FROZEN model (algorithms.md §1.5)."""
+"""Mist: semantic / textural / fused protection on the FROZEN model (psyker-team/mist ``mist_v3.py``)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, load_target
 from benchbase_plugins.attacks._pgd import pgd
+from pydantic import Field
 
 from benchbase.components import Attack, Context
 from benchbase.errors import ConfigError

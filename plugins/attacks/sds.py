@@ -1,4 +1,5 @@
-"""SDS(+), SDS(−) and SDST(−): score-distillation protection (Diff-Protect, algorithms.md §1.7)."""
+"""SDS(+), SDS(−) and SDST(−): score-distillation protection (Xue et al., ICLR'24; xavihart/Diff-Protect
+``code/attacks.py`` ``pgd_sds``)."""
 
 from __future__ import annotations
 
