@@ -88,8 +88,11 @@ class MetaCloak(Attack):
     - **unscaled instance images** (``paper_quirks = true``): the pool and meta training steps
       feed the *instance* images to the VAE in [0, 255] (``load_data`` returns 0..255 floats and
       the dataset does not normalise tensors), the class images in [−1, 1]. The PGD itself sees
-      [−1, 1] (its transform ends with ``Normalize(127.5, 127.5)``). ``paper_quirks = false``
-      trains on [−1, 1] instance images, as the paper describes DreamBooth.
+      [−1, 1] (its transform ends with ``Normalize(127.5, 127.5)``). On by default because the
+      README calls this code the official implementation, ``script/gen_and_eval.sh`` is the one
+      generation path it documents, and nothing on that path scales the instance images: the
+      published numbers were, as far as the release shows, made with the quirk.
+      ``paper_quirks = false`` trains on [−1, 1] instance images, as the paper describes DreamBooth.
     """
 
     class Params(SurrogateParams):
