@@ -158,27 +158,24 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def status(run_dir: Path):
     """Show the progress of a run (also while it is running)."""
-    from benchbase.store import RESULTS, RUN_JSON, DONE
+    from benchbase.records import RESULTS, read_records, read_run_info, resolve_store
+    from benchbase.store import stage_counts
 
-    info_path = run_dir / RUN_JSON
-    if not info_path.is_file():
-        raise BenchbaseError(f"{run_dir} is not a benchbase run folder (no {RUN_JSON})")
-    info = json.loads(info_path.read_text())
-    click.echo(f"suite {info['suite']} (hash {info['suite_hash']}), status {info['status']}, device {info['device']}")
-    click.echo(f"model: {info['backend']['description']}")
-    records = []
-    if (run_dir / RESULTS).is_file():
-        records = [json.loads(line) for line in (run_dir / RESULTS).read_text().splitlines() if line.strip()]
+    info = read_run_info(run_dir, required=True)
+    click.echo(f"suite {info.suite} (hash {info.suite_hash}), status {info.status}, device {info.device}")
+    click.echo(f"model: {info.backend.description}" + (" (RANDOM weights)" if info.backend.random_weights else ""))
+    records = read_records(run_dir) if (run_dir / RESULTS).is_file() else []
     by_status: dict[str, int] = {}
     for r in records:
-        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+        by_status[r.status] = by_status.get(r.status, 0) + 1
     click.echo("records: " + (", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none yet"))
-    store = run_dir / "store"
-    if store.is_dir():
-        done = {d.name: sum(1 for _ in d.glob(f"*/*/{DONE}")) for d in sorted(store.iterdir()) if d.is_dir()}
-        click.echo("stages in store: " + ", ".join(f"{k} {v}" for k, v in done.items() if v))
-    if "seconds" in info:
-        click.echo(f"last run: {info['seconds']} s, executed {info.get('executed')}, cached {info.get('cached')}")
+    done = stage_counts(resolve_store(run_dir, None, info))
+    if done:
+        click.echo("stages in store: " + ", ".join(f"{k} {v}" for k, v in done.items()))
+    if info.executor.stages:
+        click.echo(f"executor {info.executor.name}: " + ", ".join(f"{k} {v}" for k, v in info.executor.stages.items()))
+    if info.seconds is not None:
+        click.echo(f"last run: {info.seconds} s, executed {info.executed}, cached {info.cached}")
 
 
 @main.command("leaderboard")

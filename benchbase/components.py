@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from benchbase.errors import ConfigError
+from benchbase.records import FigureSpec
 
 if TYPE_CHECKING:  # torch is imported only by code that runs components
     import torch
@@ -40,6 +41,9 @@ class Component:
     name: str = ""
     version: str = "0"
     Params: ClassVar[type[Params]] = Params
+    #: plots the report draws from what this component records (see ``FigureSpec``); the run
+    #: writes them into run.json, so the report needs neither the plugin nor its name
+    report_figures: ClassVar[tuple[FigureSpec, ...]] = ()
 
     def __init__(self, **params: Any):
         try:
@@ -307,6 +311,9 @@ class Backend(Component):
     #: the face detector/embedder made for this backend's world (``"mini"``), which face
     #: metrics with ``detector``/``embedder = "auto"`` use; None: the metrics' real defaults
     face_models: ClassVar[str | None] = None
+    #: True for a model with random weights (a machinery check): reports and leaderboards say
+    #: that its numbers test the machinery, not protection
+    random_weights: ClassVar[bool] = False
 
     def fingerprint(self) -> str:
         """A stable id of the weights (part of every cache key)."""

@@ -1,11 +1,16 @@
-"""Results -> leaderboard tables (pandas + tabulate), markdown and CSV.
+"""Results -> leaderboard views (numeric pandas tables) -> rendered tables (markdown, CSV, HTML).
 
-Views:
+Views (numbers and statuses only; nothing here is a display string until ``render``):
 - ``cells``: one row per (attack, purifier, defense, personalizer), metric means over
   identities (and seeds) with a 95% interval and the number of identities;
 - ``attacks``: each attack's score without counter-measure and its worst case over the
   suite's purifiers/defenses/personalizers (direction-aware), naming the arg-worst;
-- ``purifiers``: each (purifier, defense) by its worst case over the suite's attacks.
+- ``purifiers``: each (purifier, defense) by its worst case over the suite's attacks;
+- ``contrasts``: the suite's paired contrasts (a − b over identities, 95% t-interval).
+
+``render`` turns a view into a ``Table``: per column the display text, the number it shows,
+its status and the reason behind a status. Markdown and CSV take the text; the HTML report
+takes all four (numbers sort as numbers, a status keeps its reason on hover).
 
 Arrows give the direction that favours the *protection*: ↑ higher is better for the
 protector (e.g. FDFR), ↓ lower is better for the protector (e.g. ISM). A row with a
@@ -15,31 +20,32 @@ without weights is shown as unavailable, never as zero.
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from benchbase.errors import DataError
-from benchbase.store import RESULTS, RUN_JSON, atomic_write_text
+from benchbase.records import RunInfo, read_records, read_run_info
+from benchbase.store import atomic_write_text
 
 ROW = ["attack", "purifier", "defense", "personalizer"]
 TITLES = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
           "purifiers": "Purifiers and defenses: worst case over attacks"}
+CONTRASTS_TITLE = "Contrasts (paired over identities: a − b, mean ± 95% t-interval)"
 ARROW = {"higher": "↑", "lower": "↓"}
+NAN = float("nan")
 
 
-def load_results(run_dir: Path) -> tuple[pd.DataFrame, dict]:
+def load_results(run_dir: Path) -> tuple[pd.DataFrame, RunInfo]:
+    """The run's records as a DataFrame (one row per record) and its ``RunInfo``."""
     run_dir = Path(run_dir)
-    path = run_dir / RESULTS
-    if not path.is_file():
-        raise DataError(f"{run_dir} has no {RESULTS}: is it a benchbase run folder? (run `benchbase run` first)")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(run_dir)
     if not records:
-        raise DataError(f"{path} is empty: the run has not finished any cell yet")
-    info = json.loads((run_dir / RUN_JSON).read_text()) if (run_dir / RUN_JSON).is_file() else {}
-    return pd.DataFrame(records), info
+        raise DataError(f"{run_dir}/results.jsonl is empty: the run has not finished any cell yet")
+    return pd.DataFrame([r.to_json() for r in records]), read_run_info(run_dir) or RunInfo()
 
 
 def t95(n: int) -> float:
@@ -61,8 +67,17 @@ def _summary(values: pd.Series) -> dict:
     return {"mean": mean, "ci95": ci}
 
 
+def _isnan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Numeric views
+# ---------------------------------------------------------------------------------------
+
+
 def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Numeric table: per row and metric, mean/ci95 over identities, status, n identities."""
+    """Numeric table: per row and metric, mean/ci95 over identities, status, note, n identities."""
     directions = df.groupby("metric")["direction"].first().to_dict()
     metrics = list(dict.fromkeys(df["metric"]))
     n_ids = df["identity"].nunique()
@@ -100,96 +115,74 @@ def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     return pd.DataFrame(rows), directions
 
 
-def _fmt(row: pd.Series, metric: str) -> str:
-    status = row.get(f"{metric}|status")
-    if status != "ok":
-        return str(status)
-    mean, ci = row[f"{metric}|mean"], row[f"{metric}|ci95"]
-    return f"{mean:.3f}" if (ci is None or math.isnan(ci)) else f"{mean:.3f} ± {ci:.3f}"
-
-
 def _metric_names(table: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(c.split("|")[0] for c in table.columns if "|" in c))
+    return list(dict.fromkeys(c.split("|")[0] for c in table.columns if c.endswith("|status")))
 
 
-def cells_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
-    out = table[ROW].copy()
-    for metric in _metric_names(table):
-        out[f"{metric} {ARROW.get(directions.get(metric), '')}".strip()] = table.apply(_fmt, axis=1, metric=metric)
-    out["n identities"] = table["identities"]
-    out["row"] = table["complete"].map({True: "complete", False: "INCOMPLETE"})
-    return out
-
-
-def _worst(candidates: pd.DataFrame, metric: str, direction: str, against: str) -> tuple[str, str]:
+def _worst(candidates: pd.DataFrame, metric: str, direction: str, against: str) -> dict:
+    """The candidate row worst for the protector: ``{mean, status, under}`` (``under`` names the
+    arg-worst by the columns in ``against``)."""
     status = candidates.get(f"{metric}|status")
     if status is not None and len(candidates) and status.isin(["unavailable", "n/a"]).all():
-        return status.iloc[0], ""  # nothing was measurable anywhere: say why, not "incomplete"
+        return {"mean": NAN, "status": status.iloc[0], "under": ""}  # nothing measurable anywhere: say why
     ok = candidates[status == "ok"] if status is not None else candidates[:0]
     if len(ok) < len(candidates) or not len(ok):
-        return "incomplete", ""
+        return {"mean": NAN, "status": "incomplete", "under": ""}
     # worst for the protector: the lowest value of a higher-is-better metric, and vice versa
     idx = ok[f"{metric}|mean"].idxmin() if direction == "higher" else ok[f"{metric}|mean"].idxmax()
     row = ok.loc[idx]
-    return f"{row[f'{metric}|mean']:.3f}", " / ".join(str(row[c]) for c in against.split(","))
+    return {"mean": float(row[f"{metric}|mean"]), "status": "ok",
+            "under": " / ".join(str(row[c]) for c in against.split(","))}
 
 
 def attacks_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    """Per attack and metric: ``base`` (no purifier, no defense: one personalizer's mean ± ci, or
+    the worst of several, ``base|under`` naming it; status "—" when the suite has no such cell)
+    and ``worst`` over every purifier/defense/personalizer."""
     rows = []
     for attack, group in table.groupby("attack", sort=False):
-        row = {"attack": attack}
+        row: dict[str, Any] = {"attack": attack}
         base = group[(group["purifier"] == "none") & (group["defense"] == "none")]
         for metric in _metric_names(table):
-            arrow = ARROW.get(directions.get(metric), "")
+            direction = directions.get(metric, "higher")
             if len(base) == 1:
-                row[f"{metric} {arrow} (no counter-measure)"] = _fmt(base.iloc[0], metric)
+                b = base.iloc[0]
+                status = b[f"{metric}|status"]
+                row.update({f"{metric}|base|mean": b.get(f"{metric}|mean", NAN) if status == "ok" else NAN,
+                            f"{metric}|base|ci95": b.get(f"{metric}|ci95", NAN) if status == "ok" else NAN,
+                            f"{metric}|base|status": status, f"{metric}|base|under": ""})
             elif len(base) > 1:  # several personalizers: the worst of them, named
-                value, arg = _worst(base, metric, directions.get(metric, "higher"), "personalizer")
-                row[f"{metric} {arrow} (no counter-measure)"] = f"{value} ({arg})" if arg else value
+                w = _worst(base, metric, direction, "personalizer")
+                row.update({f"{metric}|base|mean": w["mean"], f"{metric}|base|ci95": NAN,
+                            f"{metric}|base|status": w["status"], f"{metric}|base|under": w["under"]})
             else:
-                row[f"{metric} {arrow} (no counter-measure)"] = "—"
-            value, arg = _worst(group, metric, directions.get(metric, "higher"), "purifier,defense,personalizer")
-            row[f"{metric} {arrow} worst"] = value
-            row[f"{metric} worst under"] = arg
-        row["n identities"] = int(group["identities"].min())
+                row.update({f"{metric}|base|mean": NAN, f"{metric}|base|ci95": NAN,
+                            f"{metric}|base|status": "—", f"{metric}|base|under": ""})
+            w = _worst(group, metric, direction, "purifier,defense,personalizer")
+            row.update({f"{metric}|worst|mean": w["mean"], f"{metric}|worst|status": w["status"],
+                        f"{metric}|worst|under": w["under"]})
+        row["identities"] = int(group["identities"].min())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def purifiers_view(table: pd.DataFrame, directions: dict) -> pd.DataFrame:
+    """Per (purifier, defense) and metric: the worst case over attacks other than ``none``."""
     rows = []
     for (purifier, defense), group in table.groupby(["purifier", "defense"], sort=False):
-        row = {"purifier": purifier, "defense": defense}
+        row: dict[str, Any] = {"purifier": purifier, "defense": defense}
         attacked = group[group["attack"] != "none"]
         for metric in _metric_names(table):
             direction = directions.get(metric, "higher")
             # the restorer's worst case is the protector's best: flip the direction
             flipped = "lower" if direction == "higher" else "higher"
-            value, arg = _worst(attacked, metric, flipped, "attack,personalizer") if len(attacked) else ("—", "")
-            row[f"{metric} {ARROW.get(direction, '')} worst"] = value
-            row[f"{metric} worst under"] = arg
-        row["n identities"] = int(group["identities"].min())
+            w = (_worst(attacked, metric, flipped, "attack,personalizer") if len(attacked)
+                 else {"mean": NAN, "status": "—", "under": ""})
+            row.update({f"{metric}|worst|mean": w["mean"], f"{metric}|worst|status": w["status"],
+                        f"{metric}|worst|under": w["under"]})
+        row["identities"] = int(group["identities"].min())
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def header(info: dict, df: pd.DataFrame) -> str:
-    backend = info.get("backend", {}).get("description", "unknown backend")
-    lines = [
-        f"# benchbase leaderboard: suite `{info.get('suite', '?')}` (hash {info.get('suite_hash', '?')})",
-        "",
-        f"- Model: {backend}.",
-        f"- Device {info.get('device', '?')}, dtype {info.get('dtype', '?')}, seeds {info.get('seeds', '?')}, "
-        f"{df['identity'].nunique()} identities, benchbase {info.get('packages', {}).get('benchbase', '?')}.",
-        "- Values: mean over identities ± 95% interval (t·sd/√n, Student t with n−1 degrees of freedom). ↑ = higher favours the protection, "
-        "↓ = lower favours the protection. INCOMPLETE rows are not averaged.",
-    ]
-    faces = face_models(df)
-    if faces:
-        lines.append(faces)
-    if "RANDOM" in backend or "tiny" in backend:
-        lines.append("- **Random-weight model: these numbers test the machinery, not the science.**")
-    return "\n".join(lines) + "\n"
 
 
 def face_models(df: pd.DataFrame) -> str | None:
@@ -218,21 +211,24 @@ def _per_identity(df: pd.DataFrame, metric: str, cell: dict) -> pd.Series:
 
 
 def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
-    """Paired differences a − b over identities that scored both, mean ± 95% t-interval."""
+    """Paired differences a − b over identities that scored both: mean and 95% t half-width;
+    ``recovered``: (mean a − mean b) / (mean reference − mean b) when the suite names a
+    reference and there is a loss to recover (``gap``: reference − b)."""
     rows = []
     for c in contrasts:
         a, b = _per_identity(df, c["metric"], c["a"]), _per_identity(df, c["metric"], c["b"])
         both = a.index.intersection(b.index)
         d = (a[both] - b[both]).astype(float)
-        row = {"contrast": c["label"], "metric": c["metric"],
-               "a": " / ".join(c["a"].values()), "b": " / ".join(c["b"].values()), "n identities": len(both)}
+        row: dict[str, Any] = {"contrast": c["label"], "metric": c["metric"], "a": " / ".join(c["a"].values()),
+                               "b": " / ".join(c["b"].values()), "n": len(both), "mean_a": NAN, "mean_b": NAN,
+                               "diff": NAN, "ci95": NAN, "excludes_0": None, "has_recovery": "recovery" in c,
+                               "recovery": " / ".join(c["recovery"].values()) if "recovery" in c else "",
+                               "recovered": NAN, "gap": NAN}
         if len(both):
             s = _summary(d)
-            row.update({"mean a": round(float(a[both].mean()), 4), "mean b": round(float(b[both].mean()), 4),
-                        "a − b": f"{s['mean']:+.4f} ± {s['ci95']:.4f}" if len(both) > 1 else f"{s['mean']:+.4f}",
-                        "95% interval": (f"[{s['mean'] - s['ci95']:+.4f}, {s['mean'] + s['ci95']:+.4f}]"
-                                         if len(both) > 1 else "n/a"),
-                        "excludes 0": bool(len(both) > 1 and abs(s["mean"]) > s["ci95"])})
+            row.update(mean_a=float(a[both].mean()), mean_b=float(b[both].mean()), diff=s["mean"],
+                       ci95=s["ci95"] if len(both) > 1 else NAN,
+                       excludes_0=bool(len(both) > 1 and abs(s["mean"]) > s["ci95"]))
         if "recovery" in c and len(both):
             r = _per_identity(df, c["metric"], c["recovery"])
             common = both.intersection(r.index)
@@ -241,45 +237,233 @@ def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
             # (higher ISM for a "lower favours the protection" metric, lower FDFR for "higher")
             direction = df.loc[df["metric"] == c["metric"], "direction"].iloc[0] if "direction" in df else "lower"
             lost = gap > 0 if direction == "lower" else gap < 0
-            if math.isnan(gap) or not lost:
-                row["recovered"] = f"n/a: no loss to recover (reference − b = {gap:+.4f})"
-            else:
-                row["recovered"] = (f"{float(a[common].mean() - b[common].mean()) / gap:.0%} of "
-                                    f"{' / '.join(c['recovery'].values())} − b")
+            row["gap"] = gap
+            if not math.isnan(gap) and lost:
+                row["recovered"] = float(a[common].mean() - b[common].mean()) / gap
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def build(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """The numeric views of a run (``contrasts`` when the suite defines some) plus ``_directions``
+    (a one-row frame: metric -> "higher"/"lower")."""
     df, info = load_results(run_dir)
     table, directions = cell_table(df)
-    views = {"cells": cells_view(table, directions), "attacks": attacks_view(table, directions),
-             "purifiers": purifiers_view(table, directions), "_numeric": table}
-    suite_data = info.get("suite_data") or {}
-    if suite_data.get("contrasts"):
+    views = {"cells": table, "attacks": attacks_view(table, directions),
+             "purifiers": purifiers_view(table, directions),
+             "_directions": pd.DataFrame([directions])}
+    if info.suite_data.get("contrasts"):
         from benchbase.suite import contrasts_of
 
-        views["contrasts"] = contrasts_view(df, contrasts_of(suite_data))
+        views["contrasts"] = contrasts_view(df, contrasts_of(info.suite_data))
     return views
 
 
+# ---------------------------------------------------------------------------------------
+# Rendering: numbers -> text, only here
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    """One column of a rendered table: what each cell says, the number it shows (None for
+    text), its status (None when it shows a value) and the reason behind a status."""
+
+    header: str
+    text: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    statuses: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def add(self, text: Any, value: float | None = None, status: str | None = None, note: str | None = None):
+        self.text.append(text)
+        self.values.append(None if _isnan(value) else float(value))
+        self.statuses.append(status)
+        self.notes.append(note or None)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    columns: list[Column]
+
+    def frame(self) -> pd.DataFrame:
+        """The text of every cell (markdown and CSV)."""
+        return pd.DataFrame({c.header: c.text for c in self.columns}) if self.columns else pd.DataFrame()
+
+    def column(self, header: str) -> Column:
+        return next(c for c in self.columns if c.header == header)
+
+
+def _mean_text(mean: float, ci: float) -> str:
+    return f"{mean:.3f}" if _isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def _label(metric: str, directions: dict) -> str:
+    return f"{metric} {ARROW.get(directions.get(metric), '')}".strip()
+
+
+def _text_column(header: str, values) -> Column:
+    col = Column(header)
+    for v in values:
+        col.add(v)
+    return col
+
+
+def _count_column(header: str, values) -> Column:
+    col = Column(header)
+    for v in values:
+        col.add(int(v), value=float(v))
+    return col
+
+
+def render_cells(view: pd.DataFrame, directions: dict) -> Table:
+    cols = [_text_column(c, view[c]) for c in ROW]
+    for metric in _metric_names(view):
+        col = Column(_label(metric, directions))
+        for _, r in view.iterrows():
+            status = r[f"{metric}|status"]
+            note = r.get(f"{metric}|note")
+            note = note if isinstance(note, str) else None
+            if status == "ok":
+                col.add(_mean_text(r[f"{metric}|mean"], r[f"{metric}|ci95"]), value=r[f"{metric}|mean"], note=note)
+            else:
+                col.add(str(status), status=str(status), note=note)
+        cols.append(col)
+    cols.append(_count_column("n identities", view["identities"]))
+    row = Column("row")
+    for complete in view["complete"]:
+        row.add("complete" if complete else "INCOMPLETE", status=None if complete else "INCOMPLETE")
+    cols.append(row)
+    return Table("cells", TITLES["cells"], cols)
+
+
+def _worst_cell(col: Column, mean: float, status: str, under: str = "", suffix_under: bool = False):
+    text = f"{mean:.3f}" if status == "ok" else str(status)
+    if suffix_under and under:
+        text = f"{text} ({under})"
+    col.add(text, value=mean if status == "ok" else None, status=None if status == "ok" else str(status))
+
+
+def render_attacks(view: pd.DataFrame, directions: dict) -> Table:
+    cols = [_text_column("attack", view["attack"])]
+    for metric in _metric_names_of(view):
+        arrow = ARROW.get(directions.get(metric), "")
+        base, worst, under = (Column(f"{metric} {arrow} (no counter-measure)"), Column(f"{metric} {arrow} worst"),
+                              Column(f"{metric} worst under"))
+        for _, r in view.iterrows():
+            status, b_under = r[f"{metric}|base|status"], r[f"{metric}|base|under"]
+            if status == "ok" and not b_under:
+                base.add(_mean_text(r[f"{metric}|base|mean"], r[f"{metric}|base|ci95"]),
+                         value=r[f"{metric}|base|mean"])
+            else:
+                _worst_cell(base, r[f"{metric}|base|mean"], status, b_under, suffix_under=True)
+            _worst_cell(worst, r[f"{metric}|worst|mean"], r[f"{metric}|worst|status"])
+            under.add(r[f"{metric}|worst|under"])
+        cols += [base, worst, under]
+    cols.append(_count_column("n identities", view["identities"]))
+    return Table("attacks", TITLES["attacks"], cols)
+
+
+def render_purifiers(view: pd.DataFrame, directions: dict) -> Table:
+    cols = [_text_column("purifier", view["purifier"]), _text_column("defense", view["defense"])]
+    for metric in _metric_names_of(view):
+        arrow = ARROW.get(directions.get(metric), "")
+        worst, under = Column(f"{metric} {arrow} worst"), Column(f"{metric} worst under")
+        for _, r in view.iterrows():
+            _worst_cell(worst, r[f"{metric}|worst|mean"], r[f"{metric}|worst|status"])
+            under.add(r[f"{metric}|worst|under"])
+        cols += [worst, under]
+    cols.append(_count_column("n identities", view["identities"]))
+    return Table("purifiers", TITLES["purifiers"], cols)
+
+
+def _metric_names_of(view: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(c.split("|")[0] for c in view.columns if c.endswith("|worst|status")))
+
+
+def render_contrasts(view: pd.DataFrame) -> Table:
+    cols = [_text_column(c, view[c]) for c in ("contrast", "metric", "a", "b")]
+    cols.append(_count_column("n identities", view["n"]))
+    scored = view["n"] > 0
+    if scored.any():
+        mean_a, mean_b, diff, interval, excl = (Column("mean a"), Column("mean b"), Column("a − b"),
+                                                Column("95% interval"), Column("excludes 0"))
+        for _, r in view.iterrows():
+            if r["n"] == 0:  # nothing paired: empty cells, as a missing value
+                for col in (mean_a, mean_b, diff, interval, excl):
+                    col.add(NAN)
+                continue
+            mean_a.add(round(r["mean_a"], 4), value=r["mean_a"])
+            mean_b.add(round(r["mean_b"], 4), value=r["mean_b"])
+            two = r["n"] > 1
+            diff.add(f"{r['diff']:+.4f} ± {r['ci95']:.4f}" if two else f"{r['diff']:+.4f}", value=r["diff"])
+            interval.add(f"[{r['diff'] - r['ci95']:+.4f}, {r['diff'] + r['ci95']:+.4f}]" if two else "n/a",
+                         status=None if two else "n/a")
+            excl.add(bool(r["excludes_0"]))
+        cols += [mean_a, mean_b, diff, interval, excl]
+    if (view["has_recovery"] & scored).any():
+        rec = Column("recovered")
+        for _, r in view.iterrows():
+            if not (r["has_recovery"] and r["n"] > 0):
+                rec.add(NAN)
+            elif _isnan(r["recovered"]):
+                rec.add(f"n/a: no loss to recover (reference − b = {r['gap']:+.4f})", status="n/a")
+            else:
+                rec.add(f"{r['recovered']:.0%} of {r['recovery']} − b", value=r["recovered"])
+        cols.append(rec)
+    return Table("contrasts", CONTRASTS_TITLE, cols)
+
+
+def render(views: dict[str, pd.DataFrame]) -> dict[str, Table]:
+    """Every view of ``build`` as a rendered ``Table`` (contrasts first when present)."""
+    directions = views["_directions"].iloc[0].to_dict() if len(views["_directions"]) else {}
+    out = {}
+    if "contrasts" in views:
+        out["contrasts"] = render_contrasts(views["contrasts"])
+    out["cells"] = render_cells(views["cells"], directions)
+    out["attacks"] = render_attacks(views["attacks"], directions)
+    out["purifiers"] = render_purifiers(views["purifiers"], directions)
+    return out
+
+
+def header(info: RunInfo | dict, df: pd.DataFrame) -> str:
+    if isinstance(info, dict):
+        info = RunInfo.from_json(info)
+    backend = info.backend.description or "unknown backend"
+    lines = [
+        f"# benchbase leaderboard: suite `{info.suite}` (hash {info.suite_hash})",
+        "",
+        f"- Model: {backend}.",
+        f"- Device {info.device}, dtype {info.dtype}, seeds {info.seeds or '?'}, "
+        f"{df['identity'].nunique()} identities, benchbase {info.packages.get('benchbase', '?')}.",
+        "- Values: mean over identities ± 95% interval (t·sd/√n, Student t with n−1 degrees of freedom). ↑ = higher favours the protection, "
+        "↓ = lower favours the protection. INCOMPLETE rows are not averaged.",
+    ]
+    faces = face_models(df)
+    if faces:
+        lines.append(faces)
+    if info.backend.random_weights:
+        lines.append("- **Random-weight model: these numbers test the machinery, not the science.**")
+    return "\n".join(lines) + "\n"
+
+
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
-    """Write leaderboard.md and one CSV per view; return the markdown path and text."""
+    """Write leaderboard.md, one CSV per rendered view and ``cells_numeric.csv``; return the
+    markdown path and text."""
     run_dir = Path(run_dir)
     df, info = load_results(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "leaderboard"
     out_dir.mkdir(parents=True, exist_ok=True)
     views = build(run_dir)
+    tables = render(views)
     parts = [header(info, df)]
-    if "contrasts" in views:
-        parts.append("\n## Contrasts (paired over identities: a − b, mean ± 95% t-interval)\n\n"
-                     + views["contrasts"].to_markdown(index=False) + "\n")
-        views["contrasts"].to_csv(out_dir / "contrasts.csv", index=False)
-    for name, title in TITLES.items():
-        view = views[name]
-        parts.append(f"\n## {title}\n\n" + view.to_markdown(index=False) + "\n")
-        view.to_csv(out_dir / f"{name}.csv", index=False)
-    views["_numeric"].to_csv(out_dir / "cells_numeric.csv", index=False)
+    for name, table in tables.items():
+        frame = table.frame()
+        parts.append(f"\n## {table.title}\n\n" + frame.to_markdown(index=False) + "\n")
+        frame.to_csv(out_dir / f"{name}.csv", index=False)
+    views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
     unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
     if len(unavailable):
         parts.append("\n## Unavailable metrics\n\n" + "\n".join(

@@ -39,7 +39,10 @@ from benchbase.errors import BenchbaseError, ConfigError, WeightsUnavailableErro
 from benchbase.images import l2_levels, linf_levels, load_pngs, quantize, quantize_to_budget, save_pngs
 from benchbase.models.sd import resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
-from benchbase.store import RESULTS, RUN_JSON, Store, atomic_write_text, hash_key
+from benchbase.records import (
+    RESULTS, RUN_JSON, BackendInfo, ExecutorInfo, Record, RunInfo, Stage, Status, dumps_records,
+)
+from benchbase.store import Store, atomic_write_text, hash_key
 from benchbase.suite import Spec, Suite
 
 PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
@@ -78,17 +81,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _strict(obj: Any) -> Any:
-    """NaN/inf -> None, so results.jsonl is strict JSON that any tool can read."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
 
 
 @dataclass(frozen=True)
@@ -320,6 +312,17 @@ class Runner:
         return Threat(purifiers=[self.component(s) for s in cell.purifiers], defense=defense,
                       training_prompts=defense.training_prompts(self.prompts()))
 
+    def clean_node(self, ident: Identity, cell: Cell) -> Node:
+        """The identity's clean set_B as the 8-bit PNGs every image stage compares with (the
+        report shows them without loading the dataset)."""
+        parts = {"identity": ident.fingerprint, "resolution": self.backend.resolution}
+
+        def compute(folder: Path) -> dict:
+            save_pngs(ident.data.set_B, folder / "images", image_names(ident.data))
+            return {"identity": ident.name, "files": ident.data.files.get("set_B", [])}
+
+        return Node("clean", parts, compute, address=self._address("clean", cell))
+
     def protect_node(self, ident: Identity, cell: Cell) -> Node:
         attack = self.component(cell.attack)
         parts = {"attack": component_id(attack), "identity": ident.fingerprint,
@@ -516,6 +519,7 @@ class Runner:
                 for cell in self.cells(name, seed):
                     cp = CellPlan(len(plan.cells), cell, ident)
                     plan.cells.append(cp)
+                    visit(self.clean_node(ident, cell), cp.index)
                     for spec in self.suite.metrics:
                         visit(self.score_node(ident, cell, spec), cp.index)
         for key, node in plan.nodes.items():  # a cell needs every planned stage that lists it
@@ -557,23 +561,25 @@ class Runner:
 
     def _record(self, cell: Cell, spec: Spec, status: str, **fields) -> dict:
         metric = self.component(spec)
-        rec = {"suite": self.suite.name, "suite_hash": self.suite.hash, **cell.labels(),
-               "attack_name": cell.attack.name, "adaptive": cell.attack.adaptive,
-               "metric": spec.label, "metric_name": spec.name, "direction": metric.direction,
-               "status": status, "value": None, "per_prompt": {}, "count": None, "error": None,
-               "backend": self.backend_fp, "device": str(self.device)}
-        rec.update(fields)
-        return rec
+        return Record(suite=self.suite.name, suite_hash=self.suite.hash, **cell.labels(),
+                      attack_name=cell.attack.name, adaptive=cell.attack.adaptive, metric=spec.label,
+                      metric_name=spec.name, direction=metric.direction, status=status,
+                      backend=self.backend_fp, device=str(self.device), **fields).to_json()
 
     def stage_keys(self, ident: Identity, cell: Cell) -> dict[str, str]:
         """The keys of a cell's stages (hashing only: nothing is computed)."""
-        return {"protect": self.protect_node(ident, cell).key, "purify": self.purify_node(ident, cell).key,
+        return {"clean": self.clean_node(ident, cell).key, "protect": self.protect_node(ident, cell).key,
+                "purify": self.purify_node(ident, cell).key,
                 "personalize": self.personalize_node(ident, cell).key,
                 "generate": self.generate_node(ident, cell).key}
 
     def score_cell(self, ident: Identity, cell: Cell) -> list[dict]:
         records = []
         stages = self.stage_keys(ident, cell)
+        try:  # the clean images the report shows; a failure here costs no score
+            self.ensure(self.clean_node(ident, cell))
+        except StageFailed:
+            pass
         for spec in self.suite.metrics:
             try:
                 node = self.score_node(ident, cell, spec)
@@ -594,25 +600,45 @@ class Runner:
             except StageFailed as exc:
                 cause = exc.__cause__
                 if isinstance(cause, WeightsUnavailableError) and str(exc).startswith("score failed"):
-                    records.append(self._record(cell, spec, "unavailable", error=str(cause), stages=stages))
+                    records.append(self._record(cell, spec, "unavailable", error=str(cause), key=node.key,
+                                                stages=stages))
                 else:
                     records.append(self._record(cell, spec, "failed", error=str(exc), stages=stages))
         return records
 
     def write_run_json(self, status: str, started: float, extra: dict | None = None) -> None:
-        info = {
-            "suite": self.suite.name, "suite_hash": self.suite.hash, "suite_source": self.suite.source,
-            "suite_data": self.suite.raw, "status": status, "started": started, "updated": time.time(),
-            "backend": {"fingerprint": self.backend_fp, "description": self.backend.describe()},
-            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-            "cuda_device": (torch.cuda.get_device_name(self.device)
-                            if self.device.type == "cuda" and torch.cuda.is_available() else None),
-            "seeds": self.suite.seeds, "store": str(self.store.root.resolve()),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "packages": package_versions(), "plugins": self.plugin_versions(), "n_cells": self.suite.n_cells,
-        }
-        info.update(extra or {})
-        atomic_write_text(self.run_dir / RUN_JSON, json.dumps(info, indent=1, default=str))
+        extra = dict(extra or {})
+        executor = extra.pop("executor", None)
+        info = RunInfo(
+            suite=self.suite.name, suite_hash=self.suite.hash, suite_source=self.suite.source,
+            suite_data=self.suite.raw, status=status, started=started, updated=time.time(),
+            backend=BackendInfo(self.backend_fp, self.backend.describe(),
+                                bool(getattr(self.backend, "random_weights", False))),
+            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+            cuda_device=(torch.cuda.get_device_name(self.device)
+                         if self.device.type == "cuda" and torch.cuda.is_available() else None),
+            seeds=self.suite.seeds, store=str(self.store.root.resolve()),
+            platform=platform.platform(), python=platform.python_version(),
+            packages=package_versions(), plugins=self.plugin_versions(), n_cells=self.suite.n_cells,
+            figures=self.figures(), **extra)
+        if executor:
+            info.executor = ExecutorInfo(**executor)
+        atomic_write_text(self.run_dir / RUN_JSON, json.dumps(info.to_json(), indent=1, default=str))
+
+    def figures(self) -> list[dict]:
+        """The report figures the suite's components declare (``Component.report_figures``)."""
+        out = []
+        families = [("purifiers", [s for c in self.suite.purifiers for s in c]), ("metrics", self.suite.metrics)]
+        for family, specs in families:
+            seen: dict[str, dict] = {}
+            for spec in specs:
+                for i, fig in enumerate(getattr(self.component(spec), "report_figures", ())):
+                    entry = seen.setdefault(f"{spec.name}#{i}", {"family": family, "name": spec.name, "labels": [],
+                                                                 "figure": fig.to_json()})
+                    if spec.label not in entry["labels"]:
+                        entry["labels"].append(spec.label)
+            out += list(seen.values())
+        return out
 
     def plugin_versions(self) -> dict:
         out: dict[str, dict] = {}
@@ -629,8 +655,7 @@ class Runner:
         return out
 
     def write_results(self) -> None:
-        text = "".join(json.dumps(_strict(r), default=str) + "\n" for r in self.records)
-        atomic_write_text(self.run_dir / RESULTS, text)
+        atomic_write_text(self.run_dir / RESULTS, dumps_records(self.records))
 
     def run(self) -> RunSummary:
         start = time.perf_counter()

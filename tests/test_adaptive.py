@@ -229,7 +229,7 @@ def test_attack_worst_case_is_direction_aware_and_named(tmp_path):
     from benchbase import leaderboard
 
     views = leaderboard.build(_write_run(tmp_path / "run"))
-    attacks = views["attacks"]
+    attacks = leaderboard.render(views)["attacks"].frame()
     aspl = _row(attacks, attack="aspl")
     # FDFR ↑: the protector's worst is the lowest value: JPEG + CDL (0.1 + 0.6 − 0.3 − 0.2), DreamBooth
     assert aspl["fdfr ↑ worst"] == "0.200" and aspl["fdfr worst under"] == "jpeg / cdl / dreambooth"
@@ -243,12 +243,14 @@ def test_attack_worst_case_is_direction_aware_and_named(tmp_path):
     assert float(adaptive["fdfr ↑ worst"]) > float(aspl["fdfr ↑ worst"])
     assert aspl["fdfr ↑ (no counter-measure)"].startswith("0.700")
     assert aspl["n identities"] == 2
+    numeric = _row(views["attacks"], attack="aspl")  # the view itself holds the numbers
+    assert numeric["fdfr|worst|mean"] == pytest.approx(0.2) and numeric["fdfr|base|mean"] == pytest.approx(0.7)
 
 
 def test_purifier_worst_case_is_the_strongest_attack(tmp_path):
     from benchbase import leaderboard
 
-    purifiers = leaderboard.build(_write_run(tmp_path / "run"))["purifiers"]
+    purifiers = leaderboard.render(leaderboard.build(_write_run(tmp_path / "run")))["purifiers"].frame()
     both = _row(purifiers, purifier="jpeg", defense="cdl")
     # the restorer's worst case is the protector's best, over attacks other than `none`
     assert both["fdfr ↑ worst"] == "0.700" and both["fdfr worst under"] == "aspl-adaptive / lora"
@@ -261,10 +263,10 @@ def test_a_missing_identity_makes_the_worst_case_incomplete(tmp_path):
     from benchbase import leaderboard
 
     run = _write_run(tmp_path / "run", drop=("aspl", "jpeg", "none", "lora", "id2", "fdfr"))
-    views = leaderboard.build(run)
-    aspl = _row(views["attacks"], attack="aspl")
+    attacks = leaderboard.render(leaderboard.build(run))["attacks"].frame()
+    aspl = _row(attacks, attack="aspl")
     assert aspl["fdfr ↑ worst"] == "incomplete"  # never a worst case over a partial grid
     assert aspl["ism ↓ worst"] == "0.900"  # the other metric is complete
-    assert _row(views["attacks"], attack="aspl-adaptive")["fdfr ↑ worst"] == "0.650"
+    assert _row(attacks, attack="aspl-adaptive")["fdfr ↑ worst"] == "0.650"
     md, text = leaderboard.write(run)
     assert "Attacks: no counter-measure and worst case" in text and (md.parent / "attacks.csv").is_file()

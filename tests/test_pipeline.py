@@ -50,7 +50,7 @@ def test_smoke_suite_end_to_end(smoke_runs):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["suite"] == "smoke" and "torch" in info["packages"]
     md, text = leaderboard.write(run_dir)
-    assert "RANDOM" in text and "psnr ↑" in text and (md.parent / "cells.csv").is_file()
+    assert "Random-weight model" in text and "psnr ↑" in text and (md.parent / "cells.csv").is_file()
 
 
 def test_second_run_is_a_pure_cache_hit(smoke_runs):
@@ -240,15 +240,22 @@ def test_contrasts_are_paired_t_intervals():
     d = [a - b for a, b in zip(values["none"], values["noise"])]
     mean = sum(d) / 4
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
-    assert view.loc[0, "a − b"] == f"{mean:+.4f} ± {t.ppf(0.975, 3) * sd / 2:.4f}"
-    assert bool(view.loc[0, "excludes 0"]) and view.loc[0, "n identities"] == 4
+    half = t.ppf(0.975, 3) * sd / 2
+    # the view holds numbers; text appears only when rendering
+    assert view.loc[0, "diff"] == pytest.approx(mean) and view.loc[0, "ci95"] == pytest.approx(half)
+    assert bool(view.loc[0, "excludes_0"]) and view.loc[0, "n"] == 4
+    rendered = leaderboard.render_contrasts(view)
+    assert rendered.column("a − b").text[0] == f"{mean:+.4f} ± {half:.4f}"
+    assert rendered.column("a − b").values[0] == pytest.approx(mean)
     gap = sum(values["none"]) / 4 - sum(values["noise"]) / 4
     gain = sum(values["jpeg"]) / 4 - sum(values["noise"]) / 4
-    assert view.loc[1, "recovered"].startswith(f"{gain / gap:.0%}")
+    assert view.loc[1, "recovered"] == pytest.approx(gain / gap)
+    assert rendered.column("recovered").text[1].startswith(f"{gain / gap:.0%}")
     # no loss to recover (the "attacked" cell is the better one): no percentage is invented
     flipped = leaderboard.contrasts_view(pd.DataFrame(rows), [
         {"label": "z", "metric": "ism", "a": {**noise, "purifier": "jpeg"}, "b": sel, "recovery": noise}])
-    assert flipped.loc[0, "recovered"].startswith("n/a")
+    assert math.isnan(flipped.loc[0, "recovered"])
+    assert leaderboard.render_contrasts(flipped).column("recovered").text[0].startswith("n/a")
 
 
 def test_dreambooth_batch_of_two_sees_every_image_and_fused_adamw_matches(tmp_path, tiny):

@@ -246,7 +246,8 @@ def test_stopped_driver_resumes_from_the_store(local_ray, tmp_path, monkeypatch)
             time.sleep(0.5)
         assert marker.exists(), proc.communicate(timeout=30)[0][-3000:] if proc.poll() is not None else "no start"
         info = json.loads((run_dir / "run.json").read_text())
-        assert info["status"] == "running" and info["executor"]["stages"]["total"] == 3
+        # clean (the set_B PNGs), protect, purify, score
+        assert info["status"] == "running" and info["executor"]["stages"]["total"] == 4
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=90)[0]
     finally:
@@ -256,7 +257,7 @@ def test_stopped_driver_resumes_from_the_store(local_ray, tmp_path, monkeypatch)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted", out[-2000:]
     done = {d.name: len(list(d.glob("*/*/_done.json"))) for d in (run_dir / "store").iterdir()}
-    assert done.get("protect") == 1 and not done.get("purify") and not done.get("score")
+    assert done.get("protect") == 1 and done.get("clean") == 1 and not done.get("purify") and not done.get("score")
     pm = manager()
     resumed = ray_executor(pm).run(Runner(parse_suite(suite), run_dir, manager=pm, progress=False, driver=True))
     assert resumed.executed == {"purify": 1, "score": 1}  # the protection was not computed again

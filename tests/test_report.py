@@ -97,9 +97,14 @@ class Page(HTMLParser):
 
 
 def test_table_html_numbers_sort_as_numbers_and_statuses_keep_their_reason():
-    df = pd.DataFrame({"attack": ["<b>x</b>", "noise"], "ism ↓": ["0.412 ± 0.020", "unavailable"],
-                       "n identities": [3, 3]})
-    page = Page(report.table_html(df, "t", notes={(1, "ism ↓"): "unavailable: dlib — install it"}))
+    from benchbase.leaderboard import Column, Table
+
+    attack, ism, n = Column("attack"), Column("ism ↓"), Column("n identities")
+    attack.add("<b>x</b>"), attack.add("noise")
+    ism.add("0.412 ± 0.020", value=0.412), ism.add("unavailable", status="unavailable",
+                                                   note="unavailable: dlib — install it")
+    n.add(3, value=3), n.add(3, value=3)
+    page = Page(report.table_html(Table("t", "", [attack, ism, n]), "t"))
     assert not page.errors
     table = page.tables["t"]
     assert table["header"] == ["attack", "ism ↓", "n identities"]
@@ -110,6 +115,27 @@ def test_table_html_numbers_sort_as_numbers_and_statuses_keep_their_reason():
     assert second[1]["title"] == "unavailable: dlib — install it"
 
 
+def test_rendered_views_come_from_numbers_not_from_display_strings():
+    """The views are numeric; text appears only when rendering, and every number a table shows
+    is the view's own number (nothing is parsed back from a string)."""
+    rows = []
+    for identity, offset in (("a", 0.0), ("b", 0.1)):
+        for attack, value in (("none", 0.5), ("noise", 0.3)):
+            rows.append({"identity": identity, "seed": 0, "attack": attack, "purifier": "none", "defense": "none",
+                         "personalizer": "db", "metric": "ism", "direction": "lower", "status": "ok",
+                         "value": value + offset, "error": None})
+    table, directions = leaderboard.cell_table(pd.DataFrame(rows))
+    assert table["ism|mean"].tolist() == pytest.approx([0.55, 0.35])
+    views = {"cells": table, "attacks": leaderboard.attacks_view(table, directions),
+             "purifiers": leaderboard.purifiers_view(table, directions), "_directions": pd.DataFrame([directions])}
+    assert all(pd.api.types.is_float_dtype(views["attacks"][c]) for c in ("ism|base|mean", "ism|worst|mean"))
+    tables = leaderboard.render(views)
+    col = tables["cells"].column("ism ↓")
+    assert col.values == pytest.approx([0.55, 0.35]) and col.text[0].startswith("0.550 ± ")
+    worst = tables["purifiers"].column("ism ↓ worst")
+    assert worst.text == ["0.350"] and worst.values == pytest.approx([0.35])
+
+
 def test_per_image_scores_follow_the_image_set_each_metric_scored():
     records = [
         {"metric": "psnr", "status": "ok", "details": {"of": "protected", "per_image": [30.0, 31.0]}},
@@ -117,11 +143,16 @@ def test_per_image_scores_follow_the_image_set_each_metric_scored():
         {"metric": "ref-rmse", "status": "ok", "details": {"per_image": {"a photo": [1.0, 2.0]}}},
         {"metric": "ism", "status": "unavailable", "details": None},
     ]
-    scores = report.per_image_scores(records)
+    from benchbase.records import Record
+
+    base = {"suite": "s", "suite_hash": "h", "identity": "a", "seed": 0, "attack": "none", "purifier": "none",
+            "defense": "none", "personalizer": "db", "attack_name": "none", "adaptive": False,
+            "metric_name": "m", "direction": "higher"}
+    scores = report.per_image_scores([Record.from_json({**base, **r}) for r in records])
     assert scores["protected"] == {"psnr": [30.0, 31.0]}
     assert scores["purified"] == {"psnr-pur": [40.0, 41.0]}
     assert scores["generated"]["a photo"] == {"ref-rmse": [1.0, 2.0]}
-    assert report._score_text(scores["protected"], 1, {"L∞": 8}) == "L∞ 8 · psnr 31"
+    assert report.score_text(scores["protected"], 1, {"L∞": 8}) == "L∞ 8 · psnr 31"
 
 
 def test_heat_map_scales_the_perturbation_to_the_budget(tmp_path):
@@ -162,52 +193,85 @@ def _svg_text(path: Path) -> str:
     return " ".join(t for t in root.itertext())
 
 
+def _records(rows):
+    from benchbase.records import Record
+
+    base = {"suite": "s", "suite_hash": "h", "defense": "none", "personalizer": "db", "seed": 0,
+            "adaptive": False, "attack_name": "x"}
+    return [Record.from_json({**base, **r}) for r in rows]
+
+
 def test_plots_are_svgs_naming_what_they_show(tmp_path):
+    from benchbase.report import plots
+    from benchbase_plugins.metrics.clip import CLIPAlignment
+    from benchbase_plugins.purifiers.realign import Realign
+
     rows = []
     for attack, purifier, base in [("none", "none", 0.30), ("noise", "none", 0.20), ("noise", "jpeg", 0.26)]:
         for identity in ("a", "b"):
             rows.append({"metric": "psnr", "metric_name": "psnr", "direction": "higher", "status": "ok",
-                         "value": 30 + base, "attack": attack, "purifier": purifier, "defense": "none",
-                         "personalizer": "db", "identity": identity, "seed": 0, "details": {}})
+                         "value": 30 + base, "attack": attack, "purifier": purifier, "identity": identity,
+                         "key": f"psnr-{attack}-{purifier}-{identity}"})
             of = "protected" if purifier == "none" else "purified"
             rows.append({"metric": f"clip-{of}", "metric_name": "clip-align", "direction": "lower", "status": "ok",
-                         "value": base, "attack": attack, "purifier": purifier, "defense": "none",
-                         "personalizer": "db", "identity": identity, "seed": 0,
-                         "details": {"of": of, "per_image": [base, base + 0.01]}})
+                         "value": base, "attack": attack, "purifier": purifier, "identity": identity,
+                         "details": {"of": of, "per_image": [base, base + 0.01]},
+                         "key": f"clip-{attack}-{purifier}-{identity}"})
+            # the clean score is shared by every cell of an identity: one key per identity
             rows.append({"metric": "clip-clean", "metric_name": "clip-align", "direction": "lower", "status": "ok",
-                         "value": 0.31, "attack": attack, "purifier": purifier, "defense": "none",
-                         "personalizer": "db", "identity": identity, "seed": 0,
-                         "details": {"of": "clean", "per_image": [0.31, 0.32]}})
-    df = pd.DataFrame(rows)
-    groups = report.clip_alignment_values(df)
-    # the clean score is shared by every cell of an identity: counted once per identity
+                         "value": 0.31, "attack": attack, "purifier": purifier, "identity": identity,
+                         "details": {"of": "clean", "per_image": [0.31, 0.32]}, "key": f"clean-{identity}"})
+    records = _records(rows)
+    (spec,) = CLIPAlignment.report_figures
+    groups = plots.box_values(records, ["clip-protected", "clip-purified", "clip-clean"], spec)
     assert list(groups) == ["clean", "protected: noise", "protected: none", "purified: noise | jpeg"]
-    assert sorted(groups["clean"]) == [0.31, 0.31, 0.32, 0.32]
+    assert sorted(groups["clean"]) == [0.31, 0.31, 0.32, 0.32]  # counted once per identity
     assert groups["purified: noise | jpeg"] == [0.26, 0.27, 0.26, 0.27]
-    clip = report.plot_clip_alignment(df, tmp_path)
+    clip = plots.plot_boxes(groups, spec, tmp_path / "clip.svg")
     assert "clean" in _svg_text(clip) and "purified: noise | jpeg" in _svg_text(clip)
-    dists = report.plot_distributions(df, tmp_path)
+    assert plots.box_values(records, ["psnr"], spec) == {}  # not one of the figure's image sets
+    df = pd.DataFrame([r.to_json() for r in records])
+    dists = plots.plot_distributions(df, tmp_path)
     assert [name for name, _ in dists] == ["psnr ↑", "clip-protected ↓", "clip-clean ↓", "clip-purified ↓"]
     assert "noise | jpeg" in _svg_text(dists[0][1])
-    realign = report.plot_realign([{"attack": "noise", "purifier": "realign", "identity": "a",
-                                    "before": [0.1, 0.2], "after": [0.25, 0.3], "clean_range": [0.24, 0.33]}],
-                                  tmp_path)
-    assert "alignment after realign" in _svg_text(realign)
-    costs = pd.DataFrame([{"stage": "protect", "key": "k1", "seconds": 2.0, "peak_memory_mb": 900.0},
-                          {"stage": "generate", "key": "k2", "seconds": 5.0, "peak_memory_mb": None}])
-    assert "peak memory (MB)" in _svg_text(report.plot_costs(costs, tmp_path))
-    assert report.plot_clip_alignment(df[df["metric_name"] != "clip-align"], tmp_path) is None
+    (scatter,) = Realign.report_figures
+    points = [{"attack": "noise", "purifier": "realign", "identity": "a", "x": [0.1, 0.2], "y": [0.25, 0.3],
+               "hline": 0.24}]
+    assert "alignment after realign" in _svg_text(plots.plot_scatter(points, scatter, tmp_path / "r.svg"))
+    costs = pd.DataFrame([{"stage": "protect", "key": "k1", "seconds": 2.0, "inclusive_seconds": 2.0,
+                           "peak_rss_mb": 300.0, "peak_cuda_memory_mb": 900.0},
+                          {"stage": "generate", "key": "k2", "seconds": 5.0, "inclusive_seconds": 6.0,
+                           "peak_rss_mb": 400.0, "peak_cuda_memory_mb": None}])
+    assert "peak CUDA memory (MB)" in _svg_text(plots.plot_costs(costs, tmp_path))
+    assert plots.cost_summary(costs)["peak CUDA MB (max)"].tolist()[0] == 900.0
 
 
-def test_own_seconds_subtract_the_upstream_stages_computed_inside():
-    # score (0-10 s) computed generate (1-9 s) which computed personalize (2-7 s); protect ran alone
-    metas = [{"stage": "score", "key": "s", "seconds": 10.0, "finished": 110.0},
-             {"stage": "generate", "key": "g", "seconds": 8.0, "finished": 109.0},
-             {"stage": "personalize", "key": "p", "seconds": 5.0, "finished": 107.0},
-             {"stage": "protect", "key": "a", "seconds": 3.0, "finished": 50.0}]
-    own = report.own_seconds(metas)
-    assert own == pytest.approx({("score", "s"): 2.0, ("generate", "g"): 3.0, ("personalize", "p"): 5.0,
-                                 ("protect", "a"): 3.0})
+def test_stage_cost_is_own_time_and_nested_stages_are_subtracted(tmp_path):
+    """A stage that computes a shared stage inside it (class images inside fine-tuning)
+    records its own time, and the time with the nested stage as ``inclusive_seconds``."""
+    import time
+
+    from benchbase.store import Store
+
+    store = Store(tmp_path)
+
+    def inner(folder):
+        time.sleep(0.3)
+        (folder / "x.txt").write_text("x")
+
+    def outer(folder):
+        time.sleep(0.2)
+        store.shared_stage("class_images", {"n": 1}, inner)
+        (folder / "y.txt").write_text("yy")
+        return {"ok": True}
+
+    path = store.compute("personalize", "k" * 24, {"p": 1}, outer)
+    meta = store.meta("personalize", "k" * 24)
+    (inner_meta,) = store.metas()["class_images"].values()
+    assert meta.seconds >= 0.2 and inner_meta.seconds >= 0.3
+    assert meta.inclusive_seconds == pytest.approx(meta.seconds + inner_meta.inclusive_seconds, abs=0.002)
+    assert meta.files == {"y.txt": 2} and not meta.missing_files(path)
+    assert meta.peak_rss_mb > 0 and meta.peak_cuda_memory_mb is None  # no CUDA here
 
 
 def test_help_imports_neither_torch_nor_matplotlib():
@@ -262,11 +326,13 @@ def tiny_run(tmp_path_factory):
                     {"name": "clip-align", "label": "clip-protected", "of": "protected", "model": "tiny"},
                     {"name": "clip-align", "label": "clip-purified", "of": "purified", "model": "tiny"},
                     "needs-weights"],
+        "contrasts": [{"label": "noise lowers PSNR", "metric": "psnr", "a": {"attack": "none"},
+                       "b": {"attack": "noise"}}],
     })
     run_dir = tmp_path_factory.mktemp("report-run")
     summary = Runner(suite, run_dir, manager=_manager(), progress=False).run()
     assert not summary.failed, summary.failed[:2]
-    index = report.write(run_dir, manager=_manager())
+    index = report.write(run_dir)
     return run_dir, index
 
 
@@ -278,12 +344,18 @@ def test_report_tables_are_the_leaderboard_numbers(tiny_run):
     run_dir, index = tiny_run
     page = Page(index.read_text())
     assert not page.errors and not page.stack, page.errors[:3]
-    views = leaderboard.build(run_dir)
-    for name in ("cells", "attacks", "purifiers"):
+    tables = leaderboard.render(leaderboard.build(run_dir))
+    assert list(tables) == ["contrasts", "cells", "attacks", "purifiers"]  # the suite's contrasts too
+    for name, rendered in tables.items():
         table = page.tables[f"table-{name}"]
-        view = views[name]
-        assert table["header"] == list(view.columns)
-        assert table["rows"] == [[str(v) for v in r] for r in view.itertuples(index=False)]
+        frame = rendered.frame()
+        assert table["header"] == list(frame.columns)
+        assert table["rows"] == [["" if v != v else str(v) for v in r] for r in frame.itertuples(index=False)]
+        for j, col in enumerate(rendered.columns):  # each shown number is the view's number
+            shown = [float(a[j]["data-v"]) if "data-v" in a[j] else None for a in table["attrs"]]
+            assert shown == col.values
+    contrast = page.tables["table-contrasts"]
+    assert contrast["rows"][0][0] == "noise lowers PSNR" and "a − b" in contrast["header"]
     cells = page.tables["table-cells"]
     col = cells["header"].index("needs-weights ↑")
     assert {r[col] for r in cells["rows"]} == {"unavailable"}
@@ -313,7 +385,7 @@ def test_report_grid_plots_and_links(tiny_run):
     noisy = [t for t in titles if t.startswith("protected ") and "L∞ 8" in t]
     assert len(noisy) == 4 and all("PSNR" in t and "psnr" in t for t in noisy)  # computed + recorded
     assert len(thumbs) >= 40 and len(plots) >= 4
-    assert any("clip-alignment" in p for p in plots) and any("cost" in p for p in plots)
+    assert any("clip-align" in p for p in plots) and any("cost" in p for p in plots)
     for p in plots:
         _svg_text(out / p)
     # every image and link resolves to a file (thumbnails inside, originals in the store)
@@ -326,22 +398,25 @@ def test_report_grid_plots_and_links(tiny_run):
     assert size < 3e6, f"thumbnails weigh {size / 1e6:.1f} MB for one identity"
 
 
-def test_stage_folders_are_found_without_score_keys(tiny_run, tmp_path):
-    """A run whose records carry no keys (e.g. an older runner): the parts still lead to
-    every stage folder of every cell."""
+def test_cells_take_their_stage_folders_from_the_records(tiny_run):
+    """Each cell's folders are the keys its records name; the clean images are the clean stage,
+    equal to the dataset's set_B (the report never loads the dataset itself)."""
+    from benchbase.images import to_uint8
+    from benchbase.pipeline import image_names
+    from benchbase.testing import sample_identity
+
     run_dir, _ = tiny_run
-    with_keys = report.RunData(run_dir, manager=_manager())
-    copy = tmp_path / "run"
-    copy.mkdir()
-    shutil.copy(run_dir / "run.json", copy / "run.json")
-    (copy / "store").symlink_to(run_dir / "store")
-    lines = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
-    (copy / "results.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "key"}) + "\n"
-                                                for r in lines))
-    without = report.RunData(copy, manager=_manager())
-    expected = {c.label: c.keys for c in with_keys.cells}
-    assert all(all(k) for k in expected.values())
-    assert {c.label: c.keys for c in without.cells} == expected
+    run = report.RunData(run_dir)
+    assert len(run.cells) == 4
+    for cell in run.cells:
+        assert all(cell.keys.values()), cell.keys
+        assert cell.keys == {**cell.records[0].stages}
+        assert all(run.path(stage, key) is not None for stage, key in cell.keys.items())
+    arrays, stems = run.clean(run.cells[0])
+    identity = sample_identity("astronaut", resolution=64)
+    assert stems == image_names(identity)
+    expected = to_uint8(identity.set_B)
+    assert all(np.array_equal(a, e) for a, e in zip(arrays, expected))
 
 
 def test_cli_report_and_local_server(tiny_run, tmp_path):

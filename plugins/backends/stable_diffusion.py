@@ -53,6 +53,8 @@ class TinyBackend(Backend):
     The numbers it produces test the machinery (stages, caching, budgets), not protection.
     """
 
+    random_weights = True
+
     class Params(Params):
         preset: Literal["tiny", "small"] = "tiny"
         seed: int = 0

@@ -224,7 +224,7 @@ class RayExecutor(Executor):
         counts = {"total": len(nodes), "done": 0, "failed": 0, "running": 0, "cached": sum(plan.cached.values())}
 
         def write_status(status: str, extra: dict | None = None):
-            info = {"executor": {"name": "ray", "address": p.address, "gpu": use_gpu, "stages": dict(counts)}}
+            info = {"executor": {"name": "ray", "stages": dict(counts), "extra": {"address": p.address, "gpu": use_gpu}}}
             runner.write_run_json(status, started, {**info, **(extra or {})})
 
         runner.records = []

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from benchbase.components import Context, Metric, MetricInputs, MetricValue, Params
+from benchbase.records import FigureSpec
 from benchbase.errors import WeightsUnavailableError
 from benchbase.images import to_uint8
 
@@ -120,6 +121,10 @@ class CLIPAlignment(Metric):
 
     direction: ClassVar[str] = "lower"
     reads: ClassVar[tuple[str, ...]] = ("clean", "protected", "purified", "generated")
+    # DiffShortcut's diagnostic: alignment of clean vs protected vs purified images, per image
+    report_figures = (FigureSpec("CLIP image–prompt alignment: clean vs protected vs purified",
+                                 values="details.per_image", image_sets=("clean", "protected", "purified"),
+                                 ylabel="cos(image, prompt)"),)
 
     class Params(Params):
         of: Literal["clean", "protected", "purified", "generated"] = "protected"

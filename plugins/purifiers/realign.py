@@ -39,6 +39,7 @@ from pydantic import Field, field_validator
 
 from benchbase.components import Context, Params, Purifier
 from benchbase.errors import ConfigError, WeightsUnavailableError
+from benchbase.records import FigureSpec
 from benchbase.images import from_uint8, to_uint8
 
 from ._common import resize
@@ -310,6 +311,12 @@ class Realign(Purifier):
     turns on the CLIP-guided strength (a benchbase extension, module docstring).
     ``low_res`` is stated at 512 px and scales with the image side.
     """
+
+    # per-image alignment before vs after, against the clean range it aims for (ctx.info["realign"])
+    report_figures = (FigureSpec("realign: per-image CLIP alignment", kind="scatter", source="purify-info",
+                                 x="realign.alignment_before", y="realign.alignment_after",
+                                 hline="realign.clean_range.0", xlabel="alignment before realign",
+                                 ylabel="alignment after realign", hline_label="clean range (low)"),)
 
     class Params(Params):
         restorer: str = "codeformer"
