@@ -3,17 +3,16 @@ the commands that need them, so ``benchbase --help`` and ``benchbase plugins`` s
 
 from __future__ import annotations
 
-import importlib.util
-
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from benchbase.errors import BenchbaseError
+from benchbase.errors import BenchbaseError, ConfigError
+from benchbase.families import FAMILIES
 
-KINDS = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "executors", "suites")
+KINDS = (*FAMILIES, "suites")
 
 
 class CLI(click.Group):
@@ -95,6 +94,42 @@ def _default_run_dir(name: str) -> Path:
     return Path("runs") / name
 
 
+def _option_value(text: str):
+    """An executor option's value: TOML (3, 0.5, true, [1, 2], "x") or else the plain string."""
+    from benchbase.suite import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def executor_for(suite, name: str | None, options: tuple[str, ...], echo=click.echo):
+    """The executor a run uses: ``--executor`` (else the suite's ``executor`` table, else
+    ``local``) with the suite's settings for it and ``--executor-option KEY=VALUE`` on top.
+    An executor only the suite prefers falls back to ``local`` when it cannot run here."""
+    from benchbase.plugins import get_plugin_manager
+
+    chosen = suite.executor if suite.executor and name in (None, suite.executor.name) else None
+    name = name or (chosen.name if chosen else "local")
+    params = dict(chosen.params) if chosen else {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--executor-option {option!r}: expected KEY=VALUE")
+        params[key.strip()] = _option_value(value.strip())
+    pm = get_plugin_manager()
+    reason = pm.get("executors", name).load().unavailable()
+    if reason:
+        if chosen is not None and not options and name == suite.executor.name:
+            # the suite only prefers it (e.g. the mini suite, Ray for two workers on two cores): the
+            # same grid runs in-process, slower, with the same results
+            echo(f"note: the suite prefers the {name} executor, but {reason}; running in-process", err=True)
+            return pm.create("executors", "local", {})
+        raise ConfigError(f"executor {name!r} cannot run here: {reason}")
+    return pm.create("executors", name, params)
+
+
 @main.command()
 @click.argument("suite", required=False)
 @click.option("--run-dir", type=click.Path(path_type=Path), help="Where results go (default: runs/<suite name>).")
@@ -102,47 +137,35 @@ def _default_run_dir(name: str) -> Path:
 @click.option("--device", help="Override the suite's device (auto, cpu, cuda, cuda:1).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars (default: on a terminal).")
 @click.option("--executor", "executor_name", default=None,
-              help="Where stages run: local (in-process, the default) or ray (one Ray task per stage; see "
-                   "`benchbase ls executors`). Overrides the suite's `executor` table.")
-@click.option("--address", help="Ray cluster to join (auto, or ray://HOST:10001); default: start a local Ray instance.")
+              help="Where stages run (`benchbase ls executors`; default: the suite's `executor` table, else "
+                   "local, in-process).")
+@click.option("-x", "--executor-option", "executor_options", multiple=True, metavar="KEY=VALUE",
+              help="A parameter of the executor, over the suite's (repeatable; e.g. -x address=auto -x "
+                   "max_retries=5 for ray; values are TOML: numbers, true, [lists], or plain strings).")
 def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str | None, progress: bool | None,
-        executor_name: str | None, address: str | None):
+        executor_name: str | None, executor_options: tuple[str, ...]):
     """Run SUITE (a TOML file or a built-in suite name; default: the mini suite).
 
     Every stage is cached: running the same command again resumes an interrupted run and
     recomputes nothing that finished (with any executor).
     """
-    from benchbase.errors import ConfigError
-    from benchbase.plugins import get_plugin_manager
     from benchbase.suite import load_suite
 
     spec = load_suite(suite)
     run_dir = run_dir or _default_run_dir(spec.name)
-    pm = get_plugin_manager()
-    # the suite may name an executor with settings (retries, GPUs per task...); --executor overrides it
-    chosen = spec.executor if spec.executor and executor_name in (None, spec.executor.name) else None
-    executor_name = executor_name or (chosen.name if chosen else "local")
-    params = dict(chosen.params) if chosen else {}
-    if chosen and executor_name == "ray" and importlib.util.find_spec("ray") is None:
-        # the suite only prefers Ray (e.g. the mini suite, for two workers on two cores): without it
-        # the same grid runs in-process, slower, with the same results
-        click.echo("note: the suite prefers the ray executor, but Ray is not installed "
-                   "(pip install 'benchbase[ray]'); running in-process", err=True)
-        executor_name, params = "local", {}
-    if address is not None:
-        if executor_name != "ray":
-            raise ConfigError("--address is an option of --executor ray")
-        params["address"] = address
-    executor = pm.create("executors", executor_name, params)
+    executor = executor_for(spec, executor_name, executor_options)
     from benchbase import leaderboard
     from benchbase.pipeline import Runner
 
     click.echo(f"suite {spec.name} ({spec.source}, hash {spec.hash}): {spec.n_cells} cells per identity -> {run_dir}"
-               + (f" [executor {executor_name}]" if executor_name != "local" else ""))
-    # a distributed executor's driver only plans and assembles: the suite's device need not exist here
-    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device,
-                    driver=executor_name != "local")
-    summary = executor.run(runner)
+               + (f" [executor {executor.name}]" if executor.name != "local" else ""))
+    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device, executor=executor)
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: {len(runner.records)} records written to {run_dir}; run the same command again "
+                   "to resume (finished stages are kept)", err=True)
+        sys.exit(130)
     failed = summary.failed
     click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "
                f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed")
@@ -211,10 +234,6 @@ def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: 
         report.serve(index, run_dir, port=port, store=store, echo=click.echo)
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command("train-mini", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                               "help_option_names": []})
 @click.pass_context
@@ -223,3 +242,7 @@ def train_mini(ctx):
     from benchbase_plugins.worlds.mini.train import main as train_main
 
     raise SystemExit(train_main(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -352,24 +352,36 @@ class Dataset(Component):
 class Executor(Component):
     """Runs a suite's stage graph: ``local`` (in-process, the default) or on an engine such as Ray.
 
-    ``run(runner)`` returns the run's ``RunSummary``. An executor must keep the runner's
-    contract: every stage goes through the store (atomic, content-addressed), records are
-    assembled once per (cell, metric) by the driver, and rerunning resumes from the store.
-    The runner exposes the graph for this (``Runner.plan``, ``Runner.run_node``,
-    ``Runner.cell_records``; see docs/architecture.md).
+    ``execute(session)`` computes the stages of ``session.plan()`` and hands each outcome back
+    (``session.stage_done``); the session (``benchbase.pipeline.Runner``) owns everything else:
+    the plan, the records, run.json, results.jsonl, resuming. The whole interface an executor
+    uses::
+
+        plan = session.plan()                          # stages not in the store, dependency order
+        out = session.run_stage(node.address, ups)     # compute one here (ups: the deps' outcomes)
+        session.stage_done(out)                        # records of the cells it completes
+        session.progress(running=n)                    # what is in flight
+        session.worker_job(device)                     # JSON-able: open_session(job) in a worker
+        session.plugin_modules(), session.device_request, session.executor_info(**facts),
+        session.use_device_label(label)
+
+    A third engine (Dask, SLURM arrays) is another plugin with this method; no core change.
     """
 
-    def run(self, runner: Any) -> Any:
+    #: False when stages run in other processes (the driver plans and records only, and the
+    #: suite's device need not exist where it runs)
+    in_process: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this executor cannot run here (e.g. its engine is not installed), or None."""
+        return None
+
+    def execute(self, session: Any) -> None:
         raise NotImplementedError
 
 
-FAMILY_BASES = {
-    "attacks": Attack,
-    "purifiers": Purifier,
-    "defenses": Defense,
-    "personalizers": Personalizer,
-    "metrics": Metric,
-    "backends": Backend,
-    "datasets": Dataset,
-    "executors": Executor,
-}
+from benchbase.families import TABLE as _FAMILY_TABLE  # noqa: E402
+
+#: family name -> base class, from the one family table (benchbase.families)
+FAMILY_BASES = {f.name: globals()[f.base] for f in _FAMILY_TABLE}

@@ -25,8 +25,7 @@ import pluggy
 
 from benchbase import hookspecs
 from benchbase.errors import ConfigError, PluginError, UnknownComponentError
-
-FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics", "backends", "datasets", "executors")
+from benchbase.families import FAMILIES
 ENTRY_POINT_GROUP = "benchbase"
 ALLOW_ENV = "BENCHBASE_PLUGINS"
 DENY_ENV = "BENCHBASE_DISABLE_PLUGINS"

@@ -53,11 +53,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from benchbase.errors import ConfigError
+from benchbase.families import CELL_KEYS, GRID_FAMILIES
 
-LIST_FAMILIES = ("attacks", "purifiers", "defenses", "personalizers", "metrics")
+LIST_FAMILIES = GRID_FAMILIES  # the suite's lists: attacks, purifiers, defenses, personalizers, metrics
 TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend", "dataset", "prompts",
             "run_dir", "executor", "cells", "contrasts", *LIST_FAMILIES}
-CELL_KEYS = {"attack": "attacks", "purifier": "purifiers", "defense": "defenses", "personalizer": "personalizers"}
 # how a grid is executed does not change its results: left out of the suite hash
 NOT_HASHED = {"executor"}
 PROMPT_KEYS = {"instance", "class", "eval", "negative"}

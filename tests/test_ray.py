@@ -96,6 +96,10 @@ def ray_executor(pm, **params):
     return pm.create("executors", "ray", params)
 
 
+def ray_run(pm, suite, run_dir, **params):
+    return Runner(suite, run_dir, manager=pm, progress=False, executor=ray_executor(pm, **params)).run()
+
+
 def records_of(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "results.jsonl").read_text().splitlines() if line]
 
@@ -111,12 +115,13 @@ def grid_runs(local_ray, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local = pm.create("executors", "local", {}).run(Runner(suite, root / "local", manager=pm, progress=False))
+        local = Runner(suite, root / "local", manager=pm, progress=False,
+                       executor=pm.create("executors", "local", {})).run()
     finally:
         torch.set_num_threads(threads)
-    first = ray_executor(pm).run(Runner(suite, root / "ray", manager=pm, progress=False, driver=True))
+    first = ray_run(pm, suite, root / "ray")
     first.info = json.loads((root / "ray" / "run.json").read_text())
-    second = ray_executor(pm).run(Runner(suite, root / "ray", manager=pm, progress=False, driver=True))
+    second = ray_run(pm, suite, root / "ray")
     return root, local, first, second
 
 
@@ -165,8 +170,9 @@ def test_cli_runs_the_ray_executor_and_status_reads_the_run(grid_runs, tmp_path)
     assert "executed none" in result.output and "0 failed" in result.output
     status = cli.invoke(main, ["status", str(root / "ray")])
     assert status.exit_code == 0 and f"{len(first.records)} ok" in status.output
-    bad = cli.invoke(main, ["run", str(suite_file), "--address", "auto"])
-    assert bad.exit_code == 2 and "--executor ray" in bad.output
+    # the CLI names no executor: options reach the executor's own parameters, checked there
+    bad = cli.invoke(main, ["run", str(suite_file), "-x", "address=auto"])
+    assert bad.exit_code == 2 and "address" in bad.output and "local" in bad.output
 
 
 def toml_value(v):
@@ -185,8 +191,7 @@ def test_failed_stage_and_killed_worker(local_ray, tmp_path, monkeypatch):
     suite = parse_suite(suite_data(attacks=["none"], purifiers=["none", "exploding", "kills-its-worker"],
                                    metrics=[{"name": "psnr", "of": "purified"}, "ref-rmse"]))
     pm = manager()
-    summary = ray_executor(pm, max_retries=2).run(Runner(suite, tmp_path / "run", manager=pm, progress=False,
-                                                         driver=True))
+    summary = ray_run(pm, suite, tmp_path / "run", max_retries=2)
     assert (tmp_path / "killed").is_file()  # the first attempt did die
     recs = records_of(tmp_path / "run")
     assert recs == summary.records
@@ -209,7 +214,7 @@ def test_failed_stage_and_killed_worker(local_ray, tmp_path, monkeypatch):
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["executor"]["stages"]["failed"] >= 1 and info["failed_records"] == 2
     # rerunning resumes: the killed attempt's temporary is cleaned, nothing that finished reruns
-    again = ray_executor(pm).run(Runner(suite, tmp_path / "run", manager=pm, progress=False, driver=True))
+    again = ray_run(pm, suite, tmp_path / "run")
     assert set(again.executed) == set()  # only the always-failing purifier was tried again
     assert again.records == summary.records
     assert not list((tmp_path / "run" / "store").glob("*/*/.*"))
@@ -259,7 +264,7 @@ def test_stopped_driver_resumes_from_the_store(local_ray, tmp_path, monkeypatch)
     done = {d.name: len(list(d.glob("*/*/_done.json"))) for d in (run_dir / "store").iterdir()}
     assert done.get("protect") == 1 and done.get("clean") == 1 and not done.get("purify") and not done.get("score")
     pm = manager()
-    resumed = ray_executor(pm).run(Runner(parse_suite(suite), run_dir, manager=pm, progress=False, driver=True))
+    resumed = ray_run(pm, parse_suite(suite), run_dir)
     assert resumed.executed == {"purify": 1, "score": 1}  # the protection was not computed again
     assert [r["status"] for r in resumed.records] == ["ok"]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
@@ -273,16 +278,12 @@ def test_stage_placement_follows_the_suite_device():
         def cluster_resources(self):
             return {"CPU": 8.0, **({"GPU": float(self.gpus)} if self.gpus else {})}
 
-    class FakeRunner:
-        def __init__(self, device):
-            self.device_request = device
-
     pm = PluginManager()
     ex = pm.create("executors", "ray", {"gpus_per_task": 0.5})
-    assert ex._use_gpu(FakeRay(4), FakeRunner("auto")) and ex._use_gpu(FakeRay(1), FakeRunner("cuda:1"))
-    assert not ex._use_gpu(FakeRay(0), FakeRunner("auto")) and not ex._use_gpu(FakeRay(4), FakeRunner("cpu"))
+    assert ex._use_gpu(FakeRay(4), "auto") and ex._use_gpu(FakeRay(1), "cuda:1")
+    assert not ex._use_gpu(FakeRay(0), "auto") and not ex._use_gpu(FakeRay(4), "cpu")
     with pytest.raises(Exception, match="no GPU"):
-        ex._use_gpu(FakeRay(0), FakeRunner("cuda"))
+        ex._use_gpu(FakeRay(0), "cuda")
     for stage in ("protect", "purify", "personalize", "generate"):
         assert ex.placement(stage, True, "cuda:1") == ("cuda", {"num_gpus": 0.5})
     assert ex.placement("score", True, "auto") == ("cpu", {})  # scoring asks for CPUs only

@@ -1,4 +1,4 @@
-"""The in-process executor: the runner's own loop, cells in suite order."""
+"""The in-process executor: the plan's stages one after another, in dependency order."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from benchbase.components import Executor
 
 
 class LocalExecutor(Executor):
-    """Evaluates each cell's scores in this process, computing upstream stages on demand
-    (``Runner.run``). Stages run one after another on the suite's device."""
+    """Computes every planned stage in this process on the suite's device, in the plan's order
+    (cell by cell, each stage after the stages it reads)."""
 
-    def run(self, runner):
-        return runner.run()
+    def execute(self, session) -> None:
+        outcomes = {}
+        for node in session.plan().nodes.values():
+            outcome = session.run_stage(node.address, [outcomes[d] for d in node.deps])
+            outcomes[node.key] = outcome
+            session.stage_done(outcome)
