@@ -159,12 +159,15 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
 
     click.echo(f"suite {spec.name} ({spec.source}, hash {spec.hash}): {spec.n_cells} cells per identity -> {run_dir}"
                + (f" [executor {executor.name}]" if executor.name != "local" else ""))
-    runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device, executor=executor)
+    runner = None
     try:
+        runner = Runner(spec, run_dir, store_dir=store, progress=progress, device=device, executor=executor,
+                        echo=lambda line: click.echo(line, err=True))
         summary = runner.run()
-    except KeyboardInterrupt:
-        click.echo(f"interrupted: {len(runner.records)} records written to {run_dir}; run the same command again "
-                   "to resume (finished stages are kept)", err=True)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and how to resume
+        n = len(runner.records) if runner is not None else 0
+        click.echo(f"interrupted: {n} records in {run_dir / 'results.jsonl'}; run the same command again to "
+                   "resume (finished stages are kept)", err=True)
         sys.exit(130)
     failed = summary.failed
     click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "

@@ -23,3 +23,11 @@ class DataError(BenchbaseError):
 
 class WeightsUnavailableError(BenchbaseError):
     """Model weights are not available locally (and the hub is offline or unreachable)."""
+
+
+class DiskError(BenchbaseError):
+    """The store or the run folder cannot be written (no space left, read-only, quota)."""
+
+
+class RunInProgressError(BenchbaseError):
+    """Another live process is running the same run folder."""

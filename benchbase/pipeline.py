@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchbase.components import FAMILY_BASES, Prompts
-from benchbase.errors import BenchbaseError, ConfigError, DataError, WeightsUnavailableError
+from benchbase.errors import BenchbaseError, ConfigError, DataError, DiskError, WeightsUnavailableError
 from benchbase.graph import Cell, CellPlan, Identity, Node, NodeAddress, Outcome, Plan
 from benchbase.models.sd import resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
@@ -48,7 +48,7 @@ from benchbase.records import (
     RESULTS, RUN_JSON, BackendInfo, ExecutorInfo, Record, RunInfo, Stage, Status, dumps_records,
 )
 from benchbase.stages import StageBuilder, derive_seed, image_names, load_generated  # noqa: F401  (public helpers)
-from benchbase.store import Store, atomic_write_text
+from benchbase.store import Store, atomic_write_text, disk_error, is_disk_error, run_lock
 from benchbase.suite import Spec, Suite
 
 PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
@@ -87,13 +87,14 @@ class Runner:
 
     def __init__(self, suite: Suite, run_dir: Path, manager: PluginManager | None = None,
                  store_dir: Path | None = None, progress: bool | None = None, device: str | None = None,
-                 executor: Any = None, in_process: bool | None = None):
+                 executor: Any = None, in_process: bool | None = None, echo: Callable[[str], Any] | None = None):
         self.suite = suite
         self.run_dir = Path(run_dir)
         self.pm = manager or get_plugin_manager()
         self.store = Store(Path(store_dir) if store_dir else self.run_dir / "store")
         self.progress_enabled = progress
         self.executor = executor
+        self.echo = echo or (lambda line: None)  # one-line notes for the user (a stale lock taken over)
         self.in_process = getattr(executor, "in_process", True) if in_process is None else in_process
         self.device_request = device or suite.device  # what workers resolve on their own machine
         try:
@@ -407,11 +408,26 @@ class Runner:
         if not force and time.time() - self._last_status < 10:  # `benchbase status` needs no more
             return
         self._last_status = time.time()
-        atomic_write_text(self.run_dir / RUN_JSON, json.dumps(self.run_info(status, **extra).to_json(),
-                                                              indent=1, default=str))
+        self._write(RUN_JSON, json.dumps(self.run_info(status, **extra).to_json(), indent=1, default=str))
 
     def write_results(self) -> None:
-        atomic_write_text(self.run_dir / RESULTS, dumps_records(self.records))
+        self._write(RESULTS, dumps_records(self.records))
+
+    def _write(self, name: str, text: str) -> None:
+        """Atomically (a temporary, then a rename): a kill leaves the previous file whole."""
+        try:
+            atomic_write_text(self.run_dir / name, text)
+        except OSError as exc:
+            if is_disk_error(exc, self.run_dir):
+                raise disk_error(exc, f"{self.run_dir / name}") from exc
+            raise
+
+    def _clean_run_dir(self) -> None:
+        """Temporaries of results.jsonl/run.json a killed run left (we hold the run lock: they are
+        nobody's)."""
+        for name in (RESULTS, RUN_JSON):
+            for tmp in self.run_dir.glob(f".{name}.*"):
+                tmp.unlink(missing_ok=True)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -422,30 +438,41 @@ class Runner:
 
             executor = LocalExecutor()
         start = time.perf_counter()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.store.clean_temporaries()
-        self._reset()
-        status = "interrupted"
-        try:
-            executor.execute(self)
-            status = "finished"
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            status = "failed"
-            raise
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            if status == "finished" and self._plan is not None:  # a cell the executor left behind fails
-                for cp in self._plan.cells:
-                    if cp.index not in self._records:
-                        self._finish_cell(cp)
-            self.write_results()
-            summary = RunSummary(self.run_dir, self.records, dict(self.executed),
-                                 dict(self._plan.cached) if self._plan else {}, time.perf_counter() - start, status)
-            self._write_status(status, force=True, seconds=round(summary.seconds, 2), executed=summary.executed,
-                               cached=summary.cached, failed_records=len(summary.failed))
+        with run_lock(self.run_dir) as note:  # one run per folder; a dead holder's lock is taken over
+            if note:
+                self.echo(f"note: {note}")
+            self._clean_run_dir()
+            self.store.clean_temporaries()  # only those of dead processes: the store may be shared
+            self._reset()
+            status = "interrupted"
+            try:
+                executor.execute(self)
+                status = "finished"
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                status = "failed"
+                raise
+            finally:
+                if self._bar is not None:
+                    self._bar.close()
+                if status == "finished" and self._plan is not None:  # a cell the executor left behind fails
+                    for cp in self._plan.cells:
+                        if cp.index not in self._records:
+                            self._finish_cell(cp)
+                summary = RunSummary(self.run_dir, self.records, dict(self.executed),
+                                     dict(self._plan.cached) if self._plan else {}, time.perf_counter() - start,
+                                     status)
+                try:
+                    self.write_results()
+                    self._write_status(status, force=True, seconds=round(summary.seconds, 2),
+                                       executed=summary.executed, cached=summary.cached,
+                                       failed_records=len(summary.failed))
+                except DiskError:
+                    if status == "finished":
+                        raise
+                    # the error (or Ctrl-C) that stopped the run is the one to report
+
         return summary
 
 

@@ -48,6 +48,7 @@ class Stage(str, Enum):
         return self.value
 
     __format__ = str.__format__
+    __hash__ = str.__hash__  # a member and its value are the same dict key
 
 
 #: the stages ``Record.stages`` names (a score's own key is ``Record.key``)
@@ -64,6 +65,7 @@ class Status(str, Enum):
         return self.value
 
     __format__ = str.__format__
+    __hash__ = str.__hash__
 
 
 def strict(obj: Any) -> Any:

@@ -107,7 +107,7 @@ class StageBuilder:
                                "defense": component_id(threat.defense)}
 
         def compute(folder: Path) -> dict:
-            ctx = self.context(cell.seed, ident, "protect", cell.attack.label, threat=threat)
+            ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.label, threat=threat)
             clean = ident.data.set_B
             adv = attack.protect(clean.to(self.device), ctx)
             eps = attack.eps if attack.eps > 0 else 0.0
@@ -131,7 +131,7 @@ class StageBuilder:
             info = {}
             try:
                 for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
-                    ctx = self.context(cell.seed, ident, "purify", i, spec.label)
+                    ctx = self.context(cell.seed, ident, Stage.PURIFY, i, spec.label)
                     images = purifier.purify(images, ctx)
                     if images.dim() != 4 or images.shape[1] != 3:
                         raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
@@ -156,7 +156,7 @@ class StageBuilder:
 
         def compute(folder: Path) -> dict:
             images = load_pngs(self.read(up) / "images").to(self.device)
-            ctx = self.context(cell.seed, ident, "personalize", cell.personalizer.label, cell.defense.label)
+            ctx = self.context(cell.seed, ident, Stage.PERSONALIZE, cell.personalizer.label, cell.defense.label)
             personalizer.train(images, ctx, defense, folder)
             return ctx.info
 
@@ -170,7 +170,7 @@ class StageBuilder:
 
         def compute(folder: Path) -> dict:
             model_dir = self.read(up)
-            ctx = self.context(cell.seed, ident, "generate", cell.personalizer.label, cell.defense.label)
+            ctx = self.context(cell.seed, ident, Stage.GENERATE, cell.personalizer.label, cell.defense.label)
             outputs = personalizer.generate(model_dir, ctx, defense)
             index = {}
             for i, (prompt, images) in enumerate(outputs.items()):
@@ -208,7 +208,7 @@ class StageBuilder:
                 inputs.references = data.set_C
             if "set_A" in reads:
                 inputs.set_A = data.set_A
-            ctx = self.context(cell.seed, ident, "score", spec.label)
+            ctx = self.context(cell.seed, ident, Stage.SCORE, spec.label)
             value = metric.score(inputs, ctx)
             if not isinstance(value, MetricValue):
                 raise TypeError(f"metric {spec.label!r} returned {type(value).__name__}, not MetricValue")

@@ -38,6 +38,18 @@ def test_one_family_table_drives_registry_hooks_suites_and_cells():
     assert f"{Stage.PROTECT}" == str(Stage.PROTECT) == "protect"  # paths and messages read as the name
 
 
+def test_records_keep_their_field_order_and_read_older_files():
+    import dataclasses
+
+    assert set(Record.ORDER) == {f.name for f in dataclasses.fields(Record)}
+    old = {"identity": "a", "seed": 0, "attack": "none", "purifier": "none", "defense": "none",
+           "personalizer": "db", "metric": "psnr", "direction": "higher", "status": "ok", "value": 3.0,
+           "unknown_field": 1}  # a hand-written or older record: missing fields read as their defaults
+    rec = Record.from_json(old)
+    assert rec.value == 3.0 and rec.stages == {} and rec.key is None
+    assert list(rec.to_json()) == list(Record.ORDER)
+
+
 def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "benchbase", *args], capture_output=True, text=True,
                           timeout=timeout)
