@@ -33,14 +33,16 @@ import torch
 from tqdm.auto import tqdm
 
 from benchbase.components import (
-    FAMILY_BASES, Context, IdentityData, MetricInputs, MetricValue, Prompts, SharedStages, Threat,
+    Context, IdentityData, MetricInputs, MetricValue, Prompts, SharedStages, Threat,
 )
 from benchbase.errors import BenchbaseError, ConfigError, WeightsUnavailableError
-from benchbase.images import l2_levels, linf_levels, load_pngs, quantize, quantize_to_budget, save_pngs
-from benchbase.models.sd import resolve_device, resolve_dtype
+from benchbase.images import (
+    assert_budget, check_images, l2_levels, load_pngs, quantize, quantize_to_budget, save_pngs,
+)
+from benchbase.models.sd import parse_device, resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
-from benchbase.store import RESULTS, RUN_JSON, Store, atomic_write_text, hash_key
-from benchbase.suite import Spec, Suite
+from benchbase.store import RESULTS, RUN_JSON, Store, atomic_write_text, hash_key, writable_folder
+from benchbase.suite import Spec, Suite, build_components
 
 PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
             "facenet-pytorch", "dlib-bin", "numpy", "pillow")
@@ -52,9 +54,15 @@ class StageFailed(Exception):
 
 def image_names(data: IdentityData) -> list[str]:
     """PNG names of set_B: an index prefix keeps load order equal to dataset order (files are
-    read back sorted), the original stem keeps them recognisable."""
+    read back sorted), the original stem keeps them recognisable. A file name is data: only
+    letters, digits, '.', '_' and '-' of it reach the store (no separator, no control character)."""
     stems = data.files.get("set_B") or [""] * len(data.set_B)
-    return [f"{i:03d}_{Path(stem).stem}".rstrip("_") for i, stem in enumerate(stems)]
+    return [f"{i:03d}_{safe_stem(stem)}".rstrip("_") for i, stem in enumerate(stems)]
+
+
+def safe_stem(name: str, limit: int = 60) -> str:
+    """A file name from data reduced to a safe path component (may be empty)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._-")[:limit]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -215,44 +223,52 @@ class Runner:
         self.suite = suite
         self.run_dir = Path(run_dir)
         self.pm = manager or get_plugin_manager()
-        self.store = Store(Path(store_dir) if store_dir else self.run_dir / "store")
         self.progress_enabled = progress
         self.device_request = device or suite.device  # what workers resolve on their own machine
         self.driver = driver
+        # validate everything before writing anything: all problems at once, one line each
+        problems = []
         try:
-            self.device = resolve_device(self.device_request)
-        except ValueError:
-            if not driver:
-                raise
-            self.device = torch.device(self.device_request)  # only a label on the driver
+            self.device = self._device("--device" if device else suite.source)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        try:
+            self.components: dict[int, Any] = build_components(suite, self.pm)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("\n".join(problems))
+        self.dtype = resolve_dtype(suite.dtype)
+        writable_folder(self.run_dir, "run folder")
+        self.store = Store(writable_folder(Path(store_dir) if store_dir else self.run_dir / "store", "store"))
         # stage_lock(stage, key) -> context manager held while a stage is computed; executors whose
         # workers share a store set one so a stage is computed once cluster-wide (default: none)
         self.stage_lock: Callable[[str, str], Any] = lambda stage, key: nullcontext()
         self._identities: dict[str, Identity] = {}
-        self.dtype = resolve_dtype(suite.dtype)
-        self.components: dict[int, Any] = {}
-        self.backend = self._create(suite.backend)
+        self.backend = self.component(suite.backend)
         self.backend_fp = self.backend.fingerprint()  # part of most keys: hash the weights' identity once
-        self.dataset = self._create(suite.dataset)
-        for spec in [*suite.attacks, *(s for c in suite.purifiers for s in c), *suite.defenses,
-                     *suite.personalizers, *suite.metrics]:
-            self._create(spec)
+        self.dataset = self.component(suite.dataset)
         for spec in suite.attacks:
             if spec.adaptive and not getattr(self.component(spec), "supports_adaptive", False):
-                raise ConfigError(f"attack {spec.label!r} is marked adaptive but does not support it")
+                raise ConfigError(f"{suite.source}: {spec.describe()}: attack {spec.name!r} is marked adaptive "
+                                  "but does not support it")
         self._failed: dict[str, tuple[str, BaseException | None]] = {}
         self.records: list[dict] = []
 
-    # -- components ------------------------------------------------------------------------
-    def _create(self, spec: Spec):
-        component = self.pm.create(spec.family, spec.name, spec.params)
-        base = FAMILY_BASES[spec.family]
-        if not isinstance(component, base):
-            raise ConfigError(f"{spec.family[:-1]} {spec.name!r} is a {type(component).__name__}, "
-                              f"not a benchbase {base.__name__}")
-        self.components[id(spec)] = component
-        return component
+    def _device(self, where: str) -> torch.device:
+        """The suite's (or --device's) device on this machine, or one clear line. A driver
+        (``driver=True``) may name a device only its workers have; the name must still be valid."""
+        try:
+            return resolve_device(self.device_request)
+        except ConfigError as exc:
+            if not self.driver:
+                raise ConfigError(f"{where}: {exc}") from None
+        try:  # only a label on the driver (the workers resolve it)
+            return parse_device(self.device_request)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
+    # -- components ------------------------------------------------------------------------
     def component(self, spec: Spec):
         return self.components[id(spec)]
 
@@ -334,11 +350,10 @@ class Runner:
             ctx = self.context(cell.seed, ident, "protect", cell.attack.label, threat=threat)
             clean = ident.data.set_B
             adv = attack.protect(clean.to(self.device), ctx)
-            eps = attack.eps if attack.eps > 0 else 0.0
+            what, eps = f"attack {cell.attack.label!r}", attack.eps
+            check_images(adv, clean, what)  # NaN/inf or a wrong shape: the stage fails, never "ok"
             protected = quantize_to_budget(adv, clean, eps, mode=getattr(attack.params, "quantization", "round"))
-            linf = linf_levels(protected, clean)
-            if linf > eps + 1e-6:  # cannot happen after the clip; a guard against a quantiser bug
-                raise RuntimeError(f"budget violated after quantisation: {linf} > {eps} levels")
+            linf = assert_budget(protected, clean, eps, what)  # whatever the plugin did
             save_pngs(protected, folder / "images", image_names(ident.data))
             return {"eps_levels": eps, "linf_levels": linf, "l2_levels": l2_levels(protected, clean), **ctx.info}
 
@@ -356,9 +371,8 @@ class Runner:
             try:
                 for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
                     ctx = self.context(cell.seed, ident, "purify", i, spec.label)
-                    images = purifier.purify(images, ctx)
-                    if images.dim() != 4 or images.shape[1] != 3:
-                        raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
+                    before, images = images, purifier.purify(images, ctx)
+                    check_images(images, before, f"purifier {spec.label!r}")
                     images = quantize(images)  # each stage's output is what a file would hold
                     info[spec.label] = ctx.info
             finally:  # free purifier models before the next stage (fine-tuning) needs the memory
