@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from benchbase.errors import ConfigError, validation_problems
 
@@ -39,6 +39,28 @@ class Params(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int or float field: a typo in a suite, never a count
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            kinds = _number_kinds(cls.model_fields[info.field_name].annotation)
+            if kinds and bool not in kinds:
+                raise ValueError("must be a number, not true/false")
+        return value
+
+
+def _number_kinds(annotation: Any) -> set:
+    """The scalar types an annotation accepts among bool, int, float (through unions/Annotated)."""
+    if annotation in (bool, int, float):
+        return {annotation}
+    if get_origin(annotation) in (list, dict, tuple, set):
+        return set()
+    out: set = set()
+    for arg in get_args(annotation):
+        out |= _number_kinds(arg)
+    return out
 
 
 class Component:

@@ -61,6 +61,9 @@ def validation_problems(errors, known=None) -> list[str]:
             hint = f" (did you mean {', '.join(close)}?)" if close else (f"; known: {', '.join(keys)}" if keys else "")
             lines.append(f"{parent}: unknown key {name!r}{hint}" if parent else f"{name}: unknown parameter{hint}")
             continue
+        if not loc:  # a check across fields: its message says what is wrong
+            lines.append(msg)
+            continue
         shown = f" (got {err['input']!r})" if "input" in err else ""
-        lines.append(f"{place(loc) or 'params'}: {msg}{shown}")
+        lines.append(f"{place(loc)}: {msg}{shown}")
     return lines

@@ -143,46 +143,41 @@ class Suite:
 # ---------------------------------------------------------------------------------------
 
 
-def _problem(message: str) -> ValueError:
-    # pydantic reports a ValueError raised in a validator as "Value error, <message>";
-    # validation_problems strips the prefix so the line reads like every other problem
-    return ValueError(message)
-
-
 def _entry(value: Any) -> Spec:
     """A list entry: a component name, or a table with ``name``, optional ``label``/``adaptive``
-    and the component's parameters (also accepted: ``{ name = "x", params = { ... } }``)."""
+    and the component's parameters (also accepted: ``{ name = "x", params = { ... } }``).
+    A ValueError's message becomes the problem's line (errors.validation_problems)."""
     if isinstance(value, str):
         if not value.strip():
-            raise _problem("a component name must not be empty")
+            raise ValueError("a component name must not be empty")
         return Spec("", value, {}, value)
     if isinstance(value, dict):
         if not isinstance(value.get("name"), str) or not value["name"].strip():
-            raise _problem("a table entry needs a string `name`")
+            raise ValueError("a table entry needs a string `name`")
         params = {k: v for k, v in value.items() if k not in RESERVED}
         if "params" in params and isinstance(params["params"], dict) and len(params) == 1:
             params = params["params"]
         adaptive = value.get("adaptive", False)
         if not isinstance(adaptive, bool):
-            raise _problem("`adaptive` must be true or false")
+            raise ValueError("`adaptive` must be true or false")
         label = value.get("label", "")
         if not isinstance(label, str):
-            raise _problem("`label` must be a string")
+            raise ValueError("`label` must be a string")
         return Spec("", value["name"], params, label, adaptive)
-    raise _problem("expected a component name or a table like { name = \"...\" }")
+    raise ValueError("expected a component name or a table like { name = \"...\" }")
 
 
 def _chain(value: Any) -> list[Spec]:
     """A purifiers entry: one purifier, or a list of them applied left to right."""
     if isinstance(value, list):
         if not value:
-            raise _problem("an empty chain (a chain lists at least one purifier)")
+            raise ValueError("an empty chain (a chain lists at least one purifier)")
         chain = []
         for i, item in enumerate(value):
             try:
                 chain.append(_entry(item))
             except ValueError as exc:
-                raise _problem(f"chain item {i} ({item!r}): {exc}") from None
+                raise ValueError(f"chain item {i} ({item!r}): {exc}") from None
         return chain
     return [_entry(value)]
 

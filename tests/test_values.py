@@ -91,6 +91,7 @@ def test_every_numeric_parameter_is_finite_and_bounded(family, name, params_cls)
             assert _rejected(params_cls, field, 0), f"{family} {name}: {field} = 0 accepted (must be > 0)"
         if kinds == {int}:
             assert _rejected(params_cls, field, 2.5), f"{family} {name}: {field} = 2.5 accepted for an integer"
+        assert _rejected(params_cls, field, True), f"{family} {name}: {field} = true read as a number"
     # the defaults themselves satisfy the bounds
     params_cls(**_required(params_cls))
     assert checked or not any(_kinds(i.annotation) for i in params_cls.model_fields.values())

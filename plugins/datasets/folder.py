@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator
 
 from benchbase.components import Dataset, IdentityData, Params, Prompts
 from benchbase.errors import DataError
@@ -41,17 +41,18 @@ class FolderDataset(Dataset):
                     raise ValueError(f"{name!r} is not an identity folder name (a name under root, not a path)")
             return names
 
-        @model_validator(mode="after")
-        def _templates(self):
+        @field_validator("instance_prompt", "class_prompt", "eval_prompts")
+        @classmethod
+        def _template(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
             # prompts are filled with str.format: any other placeholder or a stray brace is a typo
-            for field in ("instance_prompt", "class_prompt", "eval_prompts"):
-                for text in (lambda v: v if isinstance(v, list) else [v])(getattr(self, field)):
-                    try:
-                        text.format(identifier=self.identifier, class_noun=self.class_noun)
-                    except (KeyError, IndexError, ValueError) as exc:
-                        raise ValueError(f"{field}: {text!r} cannot be filled ({type(exc).__name__}: {exc}); "
-                                         "the placeholders are {identifier} and {class_noun}") from None
-            return self
+            fill = {k: info.data.get(k, "") for k in ("identifier", "class_noun")}
+            for text in value if isinstance(value, list) else [value]:
+                try:
+                    text.format(**fill)
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise ValueError(f"{text!r} cannot be filled ({type(exc).__name__}: {exc}); "
+                                     "the placeholders are {identifier} and {class_noun}") from None
+            return value
 
     @property
     def root(self) -> Path:
