@@ -216,7 +216,8 @@ class PluginManager:
         try:
             component = cls(**(params or {}))
         except ConfigError as exc:  # one line per problem, each naming the component
-            raise ConfigError("\n".join(f"{family[:-1]} {name!r}: {line}" for line in str(exc).splitlines())) from None
+            lines = [f"{family[:-1]} {name!r}: {line}" for line in str(exc).splitlines()]
+            raise ConfigError("\n".join(lines)) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{family[:-1]} {name!r}: invalid parameters: {exc}") from exc
         component.name = name
