@@ -328,8 +328,11 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
         problems.append(f"`seeds` lists a seed twice: {seeds}")
     if not _DEVICE.match(parsed.device):
         problems.append(f"device {parsed.device!r} is not a device name (auto, cpu, cuda, cuda:1, mps)")
-    default_name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).stem).strip("._") or "suite"
-    name = parsed.name if parsed.name is not None else default_name
+    name = parsed.name
+    if name is None:  # the file's stem, made a plain folder name only when it is not one
+        name = Path(source).stem
+        if _plain_name(name) is not None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "suite"
     if (why := _plain_name(name)) is not None:
         problems.append(why)
 
