@@ -21,7 +21,7 @@ and the component's parameters::
     executor = { name = "ray", max_retries = 5 }   # optional; default local (--executor overrides)
 
     # optional: run only these cells instead of the full cross product (a key left out
-    # matches every entry of its list; values are labels)
+    # matches every entry of its list; values are labels; `Suite.cell_filter` in code)
     cells = [{ attack = "none" }, { attack = "noise", purifier = "none" }]
 
     # optional: paired contrasts the leaderboard reports as mean difference over identities
