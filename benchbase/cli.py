@@ -19,8 +19,9 @@ class CLI(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except BenchbaseError as exc:  # a user-facing problem: one clear line, no traceback
-            click.echo(f"error: {exc}", err=True)
+        except BenchbaseError as exc:  # a user-facing problem: one clear line each, no traceback
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                click.echo(f"error: {line}", err=True)
             sys.exit(2)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from benchbase.errors import ConfigError
+from benchbase.errors import ConfigError, validation_problems
 from benchbase.records import FigureSpec
 
 if TYPE_CHECKING:  # torch is imported only by code that runs components
@@ -30,9 +30,38 @@ if TYPE_CHECKING:  # torch is imported only by code that runs components
 
 
 class Params(BaseModel):
-    """Parameters of a component; subclass and add fields with the official defaults."""
+    """Parameters of a component; subclass and add fields with the official defaults.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Every float must be finite (NaN and ±inf are rejected for all components here). Give each
+    numeric field its bounds explicitly, e.g. ``Field(8.0, ge=0)`` for a budget, ``Field(1e-4,
+    gt=0)`` for a learning rate, ``Field(100, ge=1)`` for a step count; a subclass that
+    redefines a field must repeat them (pydantic replaces the whole field).
+    ``tests/test_values.py`` checks every registered component for this.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for an int or float field: a typo in a suite, never a count
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            kinds = _number_kinds(cls.model_fields[info.field_name].annotation)
+            if kinds and bool not in kinds:
+                raise ValueError("must be a number, not true/false")
+        return value
+
+
+def _number_kinds(annotation: Any) -> set:
+    """The scalar types an annotation accepts among bool, int, float (through unions/Annotated)."""
+    if annotation in (bool, int, float):
+        return {annotation}
+    if get_origin(annotation) in (list, dict, tuple, set):
+        return set()
+    out: set = set()
+    for arg in get_args(annotation):
+        out |= _number_kinds(arg)
+    return out
 
 
 class Component:
@@ -49,11 +78,8 @@ class Component:
         try:
             self.params = self.Params(**params)
         except ValidationError as exc:
-            label = self.name or type(self).__name__
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ConfigError(f"{label}: {problems}") from None
+            # one line per problem; the runner prefixes each with the suite file and entry
+            raise ConfigError("\n".join(validation_problems(exc, list(self.Params.model_fields)))) from None
 
     def config(self) -> dict:
         """Parameters as plain JSON values (part of cache keys and provenance)."""
@@ -171,7 +197,7 @@ class Attack(Component):
     """
 
     class Params(Params):
-        eps: float = 8.0
+        eps: float = Field(8.0, ge=0)
         quantization: Literal["round", "truncate"] = "round"
 
     #: set True by attacks that use ``ctx.threat`` when the suite marks them adaptive

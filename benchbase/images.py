@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from benchbase.errors import DataError
+from benchbase.errors import BudgetError, DataError
 from benchbase.store import file_mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -117,6 +117,31 @@ def quantize_to_budget(
         bound = math.floor(eps_levels + 1e-6)
         q = ref + (q - ref).clamp(-bound, bound)
     return q.clamp(0, 255) / 255.0
+
+
+def check_images(images: torch.Tensor, like: torch.Tensor, what: str) -> None:
+    """A stage's output must be finite and shaped like its input: NaN/inf would turn into
+    arbitrary 8-bit values when saved, and a wrong shape into images nobody asked for."""
+    if not isinstance(images, torch.Tensor):
+        raise BudgetError(f"{what} returned {type(images).__name__}, not a tensor of images")
+    if tuple(images.shape) != tuple(like.shape):
+        raise BudgetError(f"{what} returned shape {tuple(images.shape)}, expected {tuple(like.shape)}")
+    bad = int((~torch.isfinite(images.detach())).sum())
+    if bad:
+        raise BudgetError(f"{what} returned {bad} NaN/inf values")
+
+
+def assert_budget(protected: torch.Tensor, clean: torch.Tensor, eps_levels: float, what: str) -> float:
+    """The core's check on every protection, after quantisation: measured L∞ ≤ ⌊eps⌋ levels
+    (eps itself finite and ≥ 0), or a BudgetError. Returns the measured L∞ in levels."""
+    if not isinstance(eps_levels, (int, float)) or not math.isfinite(eps_levels) or eps_levels < 0:
+        raise BudgetError(f"{what}: eps = {eps_levels!r} is not a budget (a finite number of levels ≥ 0)")
+    check_images(protected, clean, what)
+    linf = linf_levels(protected, clean)
+    if not math.isfinite(linf) or linf > math.floor(eps_levels + 1e-6):
+        raise BudgetError(f"{what}: measured L∞ {linf:g} levels after quantisation exceeds the budget "
+                          f"⌊eps⌋ = {math.floor(eps_levels + 1e-6)} levels")
+    return linf
 
 
 def linf_levels(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -449,6 +449,21 @@ def header(info: RunInfo | dict, df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _md_text(value):
+    """A cell of a pipe table: a `|` or a line break in a label (identity folder, suite label,
+    prompt, error) would split the row."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def markdown(view: pd.DataFrame) -> str:
+    """``view`` as a markdown pipe table, cells escaped (see ``_md_text``)."""
+    safe = view.map(_md_text)
+    safe.columns = [_md_text(str(c)) for c in view.columns]
+    return safe.to_markdown(index=False)
+
+
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     """Write leaderboard.md, one CSV per rendered view and ``cells_numeric.csv``; return the
     markdown path and text."""
@@ -461,16 +476,16 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     parts = [header(info, df)]
     for name, table in tables.items():
         frame = table.frame()
-        parts.append(f"\n## {table.title}\n\n" + frame.to_markdown(index=False) + "\n")
+        parts.append(f"\n## {table.title}\n\n" + markdown(frame) + "\n")
         frame.to_csv(out_dir / f"{name}.csv", index=False)
     views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
     unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
     if len(unavailable):
         parts.append("\n## Unavailable metrics\n\n" + "\n".join(
-            f"- `{r.metric}`: {r.error}" for r in unavailable.itertuples()) + "\n")
+            f"- `{_md_text(r.metric)}`: {_md_text(r.error)}" for r in unavailable.itertuples()) + "\n")
     failed = df[df["status"] == "failed"]
     if len(failed):
-        parts.append(f"\n## Failures\n\n{len(failed)} records failed; first: {failed['error'].iloc[0]}\n")
+        parts.append(f"\n## Failures\n\n{len(failed)} records failed; first: {_md_text(failed['error'].iloc[0])}\n")
     text = "".join(parts)
     md = out_dir / "leaderboard.md"
     atomic_write_text(md, text)

@@ -39,17 +39,17 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from benchbase.components import FAMILY_BASES, Prompts
+from benchbase.components import Prompts
 from benchbase.errors import BenchbaseError, ConfigError, DataError, DiskError, WeightsUnavailableError
 from benchbase.graph import Cell, CellPlan, Identity, Node, NodeAddress, Outcome, Plan
-from benchbase.models.sd import resolve_device, resolve_dtype
+from benchbase.models.sd import parse_device, resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
 from benchbase.records import (
     RESULTS, RUN_JSON, BackendInfo, ExecutorInfo, Record, RunInfo, Stage, Status, dumps_records,
 )
 from benchbase.stages import StageBuilder, derive_seed, image_names, load_generated  # noqa: F401  (public helpers)
-from benchbase.store import Store, atomic_write_text, disk_error, is_disk_error, run_lock
-from benchbase.suite import Spec, Suite
+from benchbase.store import Store, atomic_write_text, disk_error, is_disk_error, run_lock, writable_folder
+from benchbase.suite import Spec, Suite, build_components
 
 PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
             "facenet-pytorch", "dlib-bin", "numpy", "pillow")
@@ -91,31 +91,35 @@ class Runner:
         self.suite = suite
         self.run_dir = Path(run_dir)
         self.pm = manager or get_plugin_manager()
-        self.store = Store(Path(store_dir) if store_dir else self.run_dir / "store")
         self.progress_enabled = progress
         self.executor = executor
         self.echo = echo or (lambda line: None)  # one-line notes for the user (a stale lock taken over)
         self.in_process = getattr(executor, "in_process", True) if in_process is None else in_process
         self.device_request = device or suite.device  # what workers resolve on their own machine
+        # validate everything before writing anything: all problems at once, one line each
+        problems = []
         try:
-            self.device = resolve_device(self.device_request)
-        except ValueError:
-            if self.in_process:
-                raise
-            self.device = torch.device(self.device_request)  # only a label here
+            self.device = self._device("--device" if device else suite.source)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        try:
+            self._components: dict[int, Any] = build_components(suite, self.pm)
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("\n".join(problems))
         self.device_label = str(self.device)  # what records say the stages ran on
         self.dtype = resolve_dtype(suite.dtype)
-        self._components: dict[int, Any] = {}
+        writable_folder(self.run_dir, "run folder")
+        self.store = Store(writable_folder(Path(store_dir) if store_dir else self.run_dir / "store", "store"))
         self._identities: dict[str, Identity] = {}
-        self.backend = self._create(suite.backend)
+        self.backend = self.component(suite.backend)
         self.backend_fp = self.backend.fingerprint()  # part of most keys: hash the weights' identity once
-        self.dataset = self._create(suite.dataset)
-        for spec in [*suite.attacks, *(s for c in suite.purifiers for s in c), *suite.defenses,
-                     *suite.personalizers, *suite.metrics]:
-            self._create(spec)
+        self.dataset = self.component(suite.dataset)
         for spec in suite.attacks:
             if spec.adaptive and not getattr(self.component(spec), "supports_adaptive", False):
-                raise ConfigError(f"attack {spec.label!r} is marked adaptive but does not support it")
+                raise ConfigError(f"{suite.source}: {spec.describe()}: attack {spec.name!r} is marked adaptive "
+                                  "but does not support it")
         self.stages = StageBuilder(suite, self.component, self.backend, self.backend_fp, self.prompts(),
                                    self.device, self.dtype, self._progress_bar, self.store.shared_stage,
                                    self.store.root / "work", self._read)
@@ -133,16 +137,21 @@ class Runner:
         self._last_status = 0.0
         self._started = time.time()
 
-    # -- components ------------------------------------------------------------------------
-    def _create(self, spec: Spec):
-        component = self.pm.create(spec.family, spec.name, spec.params)
-        base = FAMILY_BASES[spec.family]
-        if not isinstance(component, base):
-            raise ConfigError(f"{spec.family[:-1]} {spec.name!r} is a {type(component).__name__}, "
-                              f"not a benchbase {base.__name__}")
-        self._components[id(spec)] = component
-        return component
+    def _device(self, where: str) -> torch.device:
+        """The suite's (or --device's) device on this machine, or one clear line. A run whose
+        stages run elsewhere (``in_process=False``) may name a device only its workers have; the
+        name must still be valid."""
+        try:
+            return resolve_device(self.device_request)
+        except ConfigError as exc:
+            if self.in_process:
+                raise ConfigError(f"{where}: {exc}") from None
+        try:  # only a label on the driver (the workers resolve it)
+            return parse_device(self.device_request)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
+    # -- components ------------------------------------------------------------------------
     def component(self, spec: Spec):
         return self._components[id(spec)]
 

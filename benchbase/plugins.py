@@ -214,8 +214,9 @@ class PluginManager:
         cls = entry.load()
         try:
             component = cls(**(params or {}))
-        except ConfigError:
-            raise
+        except ConfigError as exc:  # one line per problem, each naming the component
+            lines = [f"{family[:-1]} {name!r}: {line}" for line in str(exc).splitlines()]
+            raise ConfigError("\n".join(lines)) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{family[:-1]} {name!r}: invalid parameters: {exc}") from exc
         component.name = name

@@ -22,7 +22,9 @@ import torch
 from benchbase.components import Context, IdentityData, MetricInputs, MetricValue, Prompts, SharedStages, Threat
 from benchbase.errors import ConfigError
 from benchbase.graph import Cell, Identity, Node, NodeAddress
-from benchbase.images import l2_levels, linf_levels, load_pngs, quantize, quantize_to_budget, save_pngs
+from benchbase.images import (
+    assert_budget, check_images, l2_levels, load_pngs, quantize, quantize_to_budget, save_pngs,
+)
 from benchbase.records import Stage
 from benchbase.store import hash_key
 from benchbase.suite import Spec, Suite
@@ -30,9 +32,15 @@ from benchbase.suite import Spec, Suite
 
 def image_names(data: IdentityData) -> list[str]:
     """PNG names of set_B: an index prefix keeps load order equal to dataset order (files are
-    read back sorted), the original stem keeps them recognisable."""
+    read back sorted), the original stem keeps them recognisable. A file name is data: only
+    letters, digits, '.', '_' and '-' of it reach the store (no separator, no control character)."""
     stems = data.files.get("set_B") or [""] * len(data.set_B)
-    return [f"{i:03d}_{Path(stem).stem}".rstrip("_") for i, stem in enumerate(stems)]
+    return [f"{i:03d}_{safe_stem(stem)}".rstrip("_") for i, stem in enumerate(stems)]
+
+
+def safe_stem(name: str, limit: int = 60) -> str:
+    """A file name from data reduced to a safe path component (may be empty)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._-")[:limit]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -110,11 +118,10 @@ class StageBuilder:
             ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.label, threat=threat)
             clean = ident.data.set_B
             adv = attack.protect(clean.to(self.device), ctx)
-            eps = attack.eps if attack.eps > 0 else 0.0
+            what, eps = f"attack {cell.attack.label!r}", attack.eps
+            check_images(adv, clean, what)  # NaN/inf or a wrong shape: the stage fails, never "ok"
             protected = quantize_to_budget(adv, clean, eps, mode=getattr(attack.params, "quantization", "round"))
-            linf = linf_levels(protected, clean)
-            if linf > eps + 1e-6:  # cannot happen after the clip; a guard against a quantiser bug
-                raise RuntimeError(f"budget violated after quantisation: {linf} > {eps} levels")
+            linf = assert_budget(protected, clean, eps, what)  # whatever the plugin did
             save_pngs(protected, folder / "images", image_names(ident.data))
             return {"eps_levels": eps, "linf_levels": linf, "l2_levels": l2_levels(protected, clean), **ctx.info}
 
@@ -132,9 +139,8 @@ class StageBuilder:
             try:
                 for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
                     ctx = self.context(cell.seed, ident, Stage.PURIFY, i, spec.label)
-                    images = purifier.purify(images, ctx)
-                    if images.dim() != 4 or images.shape[1] != 3:
-                        raise RuntimeError(f"purifier {spec.label!r} returned shape {tuple(images.shape)}")
+                    before, images = images, purifier.purify(images, ctx)
+                    check_images(images, before, f"purifier {spec.label!r}")
                     images = quantize(images)  # each stage's output is what a file would hold
                     info[spec.label] = ctx.info
             finally:  # free purifier models before the next stage (fine-tuning) needs the memory

@@ -440,3 +440,19 @@ class Store:
                     shutil.rmtree(tmp, ignore_errors=True)
                     removed += 1
         return removed
+
+
+def writable_folder(path: Path, what: str = "folder") -> Path:
+    """Create ``path`` if needed and check that files can be written in it, or raise one clear
+    line (a path under a file, a read-only filesystem, no permission, a full disk)."""
+    from benchbase.errors import BenchbaseError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BenchbaseError(f"cannot write the {what} {path}: {exc.strerror or exc}") from None
+    return path

@@ -21,7 +21,7 @@ and the component's parameters::
     executor = { name = "ray", max_retries = 5 }   # optional; default local (--executor overrides)
 
     # optional: run only these cells instead of the full cross product (a key left out
-    # matches every entry of its list; values are labels)
+    # matches every entry of its list; values are labels; `Suite.cell_filter` in code)
     cells = [{ attack = "none" }, { attack = "noise", purifier = "none" }]
 
     # optional: paired contrasts the leaderboard reports as mean difference over identities
@@ -39,20 +39,24 @@ and the component's parameters::
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, ValidationError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from benchbase.errors import ConfigError
+from benchbase.errors import BenchbaseError, ConfigError, validation_problems
 from benchbase.families import CELL_KEYS, GRID_FAMILIES
 
 LIST_FAMILIES = GRID_FAMILIES  # the suite's lists: attacks, purifiers, defenses, personalizers, metrics
@@ -62,6 +66,8 @@ TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend"
 NOT_HASHED = {"executor"}
 PROMPT_KEYS = {"instance", "class", "eval", "negative"}
 RESERVED = {"name", "label", "adaptive"}
+# the names benchbase.models.sd.DTYPES resolves (not imported: reading a suite needs no torch)
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 @dataclass
@@ -73,9 +79,15 @@ class Spec:
     params: dict = field(default_factory=dict)
     label: str = ""
     adaptive: bool = False
+    where: str = ""  # its place in the suite file, e.g. "attacks[1]", for error messages
 
     def as_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "params": self.params, "adaptive": self.adaptive}
+
+    def describe(self) -> str:
+        """``attacks[1] (label 'noise-16')``: the entry as a user finds it in the suite file."""
+        label = f" (label {self.label!r})" if self.label and self.label != self.name else ""
+        return f"{self.where or self.family}{label}"
 
 
 @dataclass
@@ -96,7 +108,8 @@ class Suite:
     source: str = "<memory>"
     raw: dict = field(default_factory=dict)
     executor: Spec | None = None  # default executor (the CLI's --executor overrides it)
-    only: list[dict[str, str]] | None = None  # the `cells` filter; None: the full cross product
+    cell_filter: list[dict[str, str]] | None = None  # the file's `cells` key; None: the full cross product
+    contrasts: list[dict] = field(default_factory=list)  # completed selectors (see contrasts_of)
 
     @property
     def hash(self) -> str:
@@ -108,11 +121,11 @@ class Suite:
 
     def keeps(self, attack: Spec, chain: list[Spec], defense: Spec, personalizer: Spec) -> bool:
         """Whether the cell is in the grid (always, without a `cells` filter)."""
-        if self.only is None:
+        if self.cell_filter is None:
             return True
         labels = {"attack": attack.label, "purifier": self.purifier_label(chain), "defense": defense.label,
                   "personalizer": personalizer.label}
-        return any(all(labels[k] == v for k, v in rule.items()) for rule in self.only)
+        return any(all(labels[k] == v for k, v in rule.items()) for rule in self.cell_filter)
 
     @property
     def n_cells(self) -> int:
@@ -121,21 +134,151 @@ class Suite:
                    for p in self.personalizers)
         return len(self.seeds) * kept
 
+    def specs(self) -> list[Spec]:
+        """Every component entry (backend, dataset, then the lists in file order; chains flattened)."""
+        return [self.backend, self.dataset, *self.attacks, *(s for c in self.purifiers for s in c),
+                *self.defenses, *self.personalizers, *self.metrics]
 
-def _spec(family: str, entry: Any, where: str) -> Spec:
-    if isinstance(entry, str):
-        return Spec(family, entry, {}, entry)
-    if isinstance(entry, dict):
-        if "name" not in entry or not isinstance(entry["name"], str):
-            raise ConfigError(f"{where}: a table entry needs a string `name` (got {entry!r})")
-        params = {k: v for k, v in entry.items() if k not in RESERVED}
+
+# ---------------------------------------------------------------------------------------
+# The file schema (pydantic): types, bounds and shapes; labels are checked after it
+# ---------------------------------------------------------------------------------------
+
+
+def _entry(value: Any) -> Spec:
+    """A list entry: a component name, or a table with ``name``, optional ``label``/``adaptive``
+    and the component's parameters (also accepted: ``{ name = "x", params = { ... } }``).
+    A ValueError's message becomes the problem's line (errors.validation_problems)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("a component name must not be empty")
+        return Spec("", value, {}, value)
+    if isinstance(value, dict):
+        if not isinstance(value.get("name"), str) or not value["name"].strip():
+            raise ValueError("a table entry needs a string `name`")
+        params = {k: v for k, v in value.items() if k not in RESERVED}
         if "params" in params and isinstance(params["params"], dict) and len(params) == 1:
-            params = params["params"]  # also accept { name = "x", params = { ... } }
-        adaptive = entry.get("adaptive", False)
+            params = params["params"]
+        adaptive = value.get("adaptive", False)
         if not isinstance(adaptive, bool):
-            raise ConfigError(f"{where}: `adaptive` must be true or false")
-        return Spec(family, entry["name"], params, str(entry.get("label") or ""), adaptive)
-    raise ConfigError(f"{where}: expected a name or a table, got {entry!r}")
+            raise ValueError("`adaptive` must be true or false")
+        label = value.get("label", "")
+        if not isinstance(label, str):
+            raise ValueError("`label` must be a string")
+        return Spec("", value["name"], params, label, adaptive)
+    raise ValueError("expected a component name or a table like { name = \"...\" }")
+
+
+def _chain(value: Any) -> list[Spec]:
+    """A purifiers entry: one purifier, or a list of them applied left to right."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("an empty chain (a chain lists at least one purifier)")
+        chain = []
+        for i, item in enumerate(value):
+            try:
+                chain.append(_entry(item))
+            except ValueError as exc:
+                raise ValueError(f"chain item {i} ({item!r}): {exc}") from None
+        return chain
+    return [_entry(value)]
+
+
+Entry = Annotated[Any, PlainValidator(_entry)]
+Chain = Annotated[Any, PlainValidator(_chain)]
+Seed = Annotated[StrictInt, Field(ge=0)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class _Prompts(_Table):
+    instance: StrictStr | None = None
+    class_: StrictStr | None = Field(None, alias="class")
+    eval: list[StrictStr] | None = Field(None, min_length=1)
+    negative: StrictStr | None = None
+
+
+class _CellSelector(_Table):
+    attack: StrictStr | None = None
+    purifier: StrictStr | None = None
+    defense: StrictStr | None = None
+    personalizer: StrictStr | None = None
+
+
+class _Contrast(_Table):
+    label: StrictStr | None = None
+    metric: StrictStr
+    a: _CellSelector
+    b: _CellSelector
+    recovery: _CellSelector | None = None
+
+
+class SuiteFile(_Table):
+    """What a suite file may contain (the module docstring shows an example)."""
+
+    name: StrictStr | None = None
+    description: StrictStr = ""
+    seeds: list[Seed] | None = Field(None, min_length=1)
+    seed: Seed | None = None
+    device: StrictStr = "auto"
+    dtype: Literal[DTYPE_NAMES] = "float32"  # type: ignore[valid-type]
+    backend: Entry
+    dataset: Entry
+    attacks: list[Entry] = Field(min_length=1)
+    purifiers: list[Chain] = Field(default_factory=lambda: ["none"], min_length=1)
+    defenses: list[Entry] = Field(default_factory=lambda: ["none"], min_length=1)
+    personalizers: list[Entry] = Field(min_length=1)
+    metrics: list[Entry] = Field(min_length=1)
+    prompts: _Prompts = Field(default_factory=_Prompts)
+    run_dir: StrictStr | None = None
+    executor: Entry | None = None
+    cells: list[_CellSelector] | None = Field(None, min_length=1)
+    contrasts: list[_Contrast] | None = None
+
+
+TOP_KEYS = set(SuiteFile.model_fields)
+_DEVICE = re.compile(r"^(auto|[a-z][a-z0-9_]*(:\d+)?)$")  # the syntax; resolve_device checks it exists
+
+
+def _known_keys(parent: tuple) -> list[str]:
+    """The keys a suite table at ``parent`` accepts (for suggestions)."""
+    if parent[:1] == ("prompts",):
+        return sorted(PROMPT_KEYS)
+    if parent[:1] == ("cells",) or parent[-1:] in (("a",), ("b",), ("recovery",)):
+        return list(CELL_KEYS)
+    if parent[:1] == ("contrasts",):
+        return list(_Contrast.model_fields)
+    return []
+
+
+def _messages(exc: ValidationError) -> list[str]:
+    """Pydantic's problems in the suite's words (one line each, without the source)."""
+    lines, unknown = [], []
+    for err in exc.errors():
+        loc, kind = err["loc"], err["type"]
+        if kind == "extra_forbidden" and len(loc) == 1:
+            unknown.append(str(loc[0]))
+        elif kind == "missing" and len(loc) == 1:
+            lines.append(f"missing `{loc[0]}` (e.g. {loc[0]} = {{ name = \"...\" }})"
+                         if loc[0] in ("backend", "dataset") else f"missing `{loc[0]}` (a non-empty list)")
+        elif kind == "too_short" and loc and loc[-1] in (*LIST_FAMILIES, "seeds", "cells"):
+            lines.append(f"`{loc[-1]}` must be a non-empty list")
+        elif kind == "list_type" and len(loc) == 1:
+            lines.append(f"`{loc[0]}` must be a list (got {err['input']!r})")
+        else:
+            lines += validation_problems([err], _known_keys)
+    if unknown:
+        hints = [f"{u!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(u, TOP_KEYS, n=1))
+                 else repr(u) for u in unknown]
+        lines.insert(0, f"unknown suite keys {', '.join(hints)}; known: {', '.join(sorted(TOP_KEYS))}")
+    return lines
+
+
+def _labels(lists: dict) -> dict[str, list[str]]:
+    return {key: (["+".join(s.label for s in c) for c in lists[fam]] if fam == "purifiers"
+                  else [s.label for s in lists[fam]]) for key, fam in CELL_KEYS.items()}
 
 
 def _auto_labels(specs: list[Spec]) -> None:
@@ -144,98 +287,134 @@ def _auto_labels(specs: list[Spec]) -> None:
     variants: dict[str, set[str]] = {}
     modes: dict[str, set[bool]] = {}
     for s in specs:
-        variants.setdefault(s.name, set()).add(json.dumps(s.params, sort_keys=True))
+        variants.setdefault(s.name, set()).add(json.dumps(s.params, sort_keys=True, default=str))
         modes.setdefault(s.name, set()).add(s.adaptive)
     for s in specs:
         if not s.label:
             label = s.name
             if len(variants[s.name]) > 1:
-                label += "-" + hashlib.sha256(json.dumps(s.params, sort_keys=True).encode()).hexdigest()[:6]
+                label += "-" + hashlib.sha256(json.dumps(s.params, sort_keys=True, default=str).encode()
+                                              ).hexdigest()[:6]
             if s.adaptive and len(modes[s.name]) > 1:  # "aspl" beside an adaptive "aspl"
                 label += "-adaptive"
             s.label = label
 
 
-def _check_unique(labels: list[str], family: str, source: str) -> None:
-    seen: set[str] = set()
-    for label in labels:
-        if label in seen:
-            raise ConfigError(f"{source}: {family} entry {label!r} appears twice; give one a distinct `label`")
-        seen.add(label)
+def _check_cell(selector: dict, known: dict[str, list[str]], where: str) -> list[str]:
+    """A cell selector names only labels the suite has."""
+    return [f"{where}: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}"
+            for k, v in selector.items() if v not in known[k]]
+
+
+def _plain_name(name: str) -> str | None:
+    """Why a suite name cannot name a run folder (``runs/<name>``), or None."""
+    if not name.strip() or name in (".", "..") or re.search(r"[/\\\x00-\x1f]", name):
+        return f"`name` {name!r} must be a plain folder name (no '/', '\\\\', control characters, '.' or '..')"
+    return None
 
 
 def parse_suite(data: dict, source: str = "<memory>") -> Suite:
-    unknown = set(data) - TOP_KEYS
-    if unknown:
-        raise ConfigError(f"{source}: unknown suite keys {sorted(unknown)}; known: {sorted(TOP_KEYS)}")
-    name = data.get("name") or Path(source).stem
-    if "seeds" in data and "seed" in data:
-        raise ConfigError(f"{source}: give `seeds` or `seed`, not both")
-    seeds = data.get("seeds", [data.get("seed", 0)])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{source}: `seeds` must be a non-empty list of integers")
-    for key in ("backend", "dataset"):
-        if key not in data:
-            raise ConfigError(f"{source}: missing `{key}` (e.g. {key} = {{ name = \"...\" }})")
+    """Validate a suite's TOML data; every problem is one line of the ConfigError, naming
+    ``source`` and the place (``bad.toml: attacks[1]: ...``)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a suite is a TOML table, got {type(data).__name__}")
+    try:
+        parsed = SuiteFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in _messages(exc))) from None
+    problems: list[str] = []
+    if parsed.seeds is not None and parsed.seed is not None:
+        problems.append("give `seeds` or `seed`, not both")
+    seeds = parsed.seeds if parsed.seeds is not None else [parsed.seed or 0]
+    if len(set(seeds)) != len(seeds):
+        problems.append(f"`seeds` lists a seed twice: {seeds}")
+    if not _DEVICE.match(parsed.device):
+        problems.append(f"device {parsed.device!r} is not a device name (auto, cpu, cuda, cuda:1, mps)")
+    name = parsed.name
+    if name is None:  # the file's stem, made a plain folder name only when it is not one
+        name = Path(source).stem
+        if _plain_name(name) is not None:
+            name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "suite"
+    if (why := _plain_name(name)) is not None:
+        problems.append(why)
+
     lists: dict[str, Any] = {}
     for family in LIST_FAMILIES:
-        entries = data.get(family)
-        if family in ("defenses",) and entries is None:
-            entries = ["none"]
-        if family == "purifiers" and entries is None:
-            entries = ["none"]
-        if not isinstance(entries, list) or not entries:
-            raise ConfigError(f"{source}: `{family}` must be a non-empty list")
+        entries = getattr(parsed, family)
         if family == "purifiers":
-            chains = []
-            for i, e in enumerate(entries):
-                items = e if isinstance(e, list) else [e]
-                if not items:
-                    raise ConfigError(f"{source}: purifiers[{i}] is an empty chain")
-                chains.append([_spec("purifiers", x, f"{source}: purifiers[{i}]") for x in items])
-            _auto_labels([s for chain in chains for s in chain])
-            _check_unique(["+".join(s.label for s in c) for c in chains], family, source)
-            lists[family] = chains
+            entries = [c if isinstance(c, list) else _chain(c) for c in entries]  # the "none" default
+            for i, chain in enumerate(entries):
+                for j, spec in enumerate(chain):
+                    spec.family, spec.where = family, f"purifiers[{i}]" + (f"[{j}]" if len(chain) > 1 else "")
+            _auto_labels([s for chain in entries for s in chain])
+            labels = ["+".join(s.label for s in c) for c in entries]
         else:
-            specs = [_spec(family, e, f"{source}: {family}[{i}]") for i, e in enumerate(entries)]
-            _auto_labels(specs)
-            _check_unique([s.label for s in specs], family, source)
-            lists[family] = specs
-    prompts = data.get("prompts", {})
-    if not isinstance(prompts, dict) or set(prompts) - PROMPT_KEYS:
-        raise ConfigError(f"{source}: [prompts] accepts {sorted(PROMPT_KEYS)}")
-    backend = _spec("backends", data["backend"], f"{source}: backend")
-    dataset = _spec("datasets", data["dataset"], f"{source}: dataset")
+            entries = [e if isinstance(e, Spec) else _entry(e) for e in entries]
+            for i, spec in enumerate(entries):
+                spec.family, spec.where = family, f"{family}[{i}]"
+            _auto_labels(entries)
+            labels = [s.label for s in entries]
+        problems += [f"{family} entry {label!r} appears twice; give one a distinct `label`"
+                     for label in sorted({x for x in labels if labels.count(x) > 1})]
+        lists[family] = entries
+    backend, dataset = parsed.backend, parsed.dataset
+    backend.family, backend.where, dataset.family, dataset.where = "backends", "backend", "datasets", "dataset"
     backend.label, dataset.label = backend.label or backend.name, dataset.label or dataset.name
-    executor = _spec("executors", data["executor"], f"{source}: executor") if "executor" in data else None
-    only = _cells_filter(data.get("cells"), lists, source)
-    contrasts_of(data, lists, source)  # validated here, read by the leaderboard from run.json
+    executor = parsed.executor
+    if executor is not None:
+        executor.family, executor.where = "executors", "executor"
+
+    known = _labels(lists)
+    cell_filter = None
+    if parsed.cells is not None:
+        cell_filter = [rule.model_dump(exclude_none=True) for rule in parsed.cells]
+        for i, rule in enumerate(cell_filter):
+            problems += _check_cell(rule, known, f"cells[{i}]")
+    contrasts = []
+    defaults = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": known["personalizer"][0]}
+    for i, c in enumerate(parsed.contrasts or []):
+        item = {"label": c.label or f"{c.metric}: a - b", "metric": c.metric}
+        for side in ("a", "b", "recovery"):
+            sel = getattr(c, side)
+            if sel is None:
+                continue
+            item[side] = {**defaults, **sel.model_dump(exclude_none=True)}
+            problems += _check_cell(item[side], known, f"contrasts[{i}].{side}")  # the defaults must exist too
+        contrasts.append(item)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in problems))
     return Suite(
-        name=str(name), description=str(data.get("description", "")), seeds=seeds,
-        device=str(data.get("device", "auto")), dtype=str(data.get("dtype", "float32")),
-        backend=backend, dataset=dataset, prompts=prompts, source=source, raw=data, executor=executor, only=only,
-        **lists,
+        name=name, description=parsed.description, seeds=seeds, device=parsed.device, dtype=parsed.dtype,
+        backend=backend, dataset=dataset, prompts=dict(data.get("prompts") or {}), source=source, raw=data,
+        executor=executor, cell_filter=cell_filter, contrasts=contrasts, **lists,
     )
 
 
-def _cells_filter(rules: Any, lists: dict, source: str) -> list[dict[str, str]] | None:
-    if rules is None:
-        return None
-    if not isinstance(rules, list) or not rules or not all(isinstance(r, dict) for r in rules):
-        raise ConfigError(f"{source}: `cells` must be a non-empty list of tables like {{ attack = \"aspl\" }}")
-    known = _labels(lists)
-    for i, rule in enumerate(rules):
-        _check_cell(rule, known, f"{source}: cells[{i}]")
-    return [{k: str(v) for k, v in r.items()} for r in rules]
+def build_components(suite: Suite, manager) -> dict[int, Any]:
+    """Create every component the suite names, with validated parameters: ``{id(spec): component}``.
 
+    All problems are reported at once, one line each naming the suite file, the entry and the
+    parameter (``bad.toml: attacks[1] 'noise': attack 'noise': eps: Input should be a finite
+    number (got nan)``)."""
+    from benchbase.components import FAMILY_BASES
 
-def _check_cell(selector: dict, known: dict[str, list[str]], where: str) -> None:
-    """A cell selector names only cell keys, and only labels the suite has."""
-    for k, v in selector.items():
-        if k not in CELL_KEYS:
-            raise ConfigError(f"{where} has unknown key {k!r}; keys: {', '.join(CELL_KEYS)}")
-        if v not in known[k]:
-            raise ConfigError(f"{where}: {k} {v!r} is not in the suite; labels: {', '.join(known[k])}")
+    out: dict[int, Any] = {}
+    problems: list[str] = []
+    for spec in suite.specs():
+        try:
+            component = manager.create(spec.family, spec.name, spec.params)
+        except BenchbaseError as exc:  # unknown name, bad parameters, a plugin that fails to import
+            problems += [f"{suite.source}: {spec.describe()}: {line}" for line in str(exc).splitlines()]
+            continue
+        base = FAMILY_BASES[spec.family]
+        if not isinstance(component, base):
+            problems.append(f"{suite.source}: {spec.describe()}: {spec.family[:-1]} {spec.name!r} is a "
+                            f"{type(component).__name__}, not a benchbase {base.__name__}")
+            continue
+        out[id(spec)] = component
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
 
 
 def builtin_suites() -> dict[str, str]:
@@ -251,12 +430,13 @@ def load_suite(ref: str | None = None) -> Suite:
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
             raise ConfigError(f"suite file {path} does not exist")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"suite file {path} cannot be read: {exc}") from None
     else:
         suites = builtin_suites()
         if ref not in suites:
-            import difflib
-
             close = difflib.get_close_matches(ref, list(suites), n=3, cutoff=0.4)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"no suite file {ref!r} and no built-in suite of that name.{hint} "
@@ -269,40 +449,9 @@ def load_suite(ref: str | None = None) -> Suite:
     return parse_suite(data, source)
 
 
-def _labels(lists: dict) -> dict[str, list[str]]:
-    return {key: (["+".join(s.label for s in c) for c in lists[fam]] if fam == "purifiers"
-                  else [s.label for s in lists[fam]]) for key, fam in CELL_KEYS.items()}
-
-
 def contrasts_of(data: dict, lists: dict | None = None, source: str = "<suite>") -> list[dict]:
-    """The suite's ``contrasts`` with every cell selector completed (see the module docstring)."""
-    raw = data.get("contrasts")
-    if raw is None:
+    """The suite's ``contrasts`` with every cell selector completed (see the module docstring):
+    a selector's missing keys mean attack/purifier/defense "none" and the first personalizer."""
+    if not data.get("contrasts"):
         return []
-    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
-        raise ConfigError(f"{source}: `contrasts` must be a list of tables")
-    if lists is None:
-        suite = parse_suite({**data, "contrasts": None})
-        lists = {fam: getattr(suite, fam) for fam in CELL_KEYS.values()}
-    known = _labels(lists)
-    defaults = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": known["personalizer"][0]}
-    out = []
-    for i, c in enumerate(raw):
-        where = f"{source}: contrasts[{i}]"
-        missing = {"metric", "a", "b"} - set(c)
-        if missing:
-            raise ConfigError(f"{where} needs {sorted(missing)}")
-        unknown = set(c) - {"label", "metric", "a", "b", "recovery"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        item = {"label": str(c.get("label") or f"{c['metric']}: a - b"), "metric": str(c["metric"])}
-        for side in ("a", "b", "recovery"):
-            if side not in c:
-                continue
-            sel = c[side]
-            if not isinstance(sel, dict):
-                raise ConfigError(f"{where}.{side} must be a table with keys from {', '.join(CELL_KEYS)}")
-            item[side] = {**defaults, **{k: str(v) for k, v in sel.items()}}
-            _check_cell(item[side], known, f"{where}.{side}")  # the defaults must exist too
-        out.append(item)
-    return out
+    return parse_suite(data, source).contrasts

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchbase.errors import WeightsUnavailableError
+from benchbase.errors import ConfigError, WeightsUnavailableError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -43,15 +43,45 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def parse_device(name: str) -> torch.device:
+    """The device ``name`` means, without checking that it exists here (a Ray driver names
+    the device its workers have)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    """The device ``name`` means on this machine; a clear ConfigError when it is not a device
+    name or this machine does not have it (``cuda`` without CUDA, ``cuda:3`` on a 1-GPU box)."""
+    device = parse_device(name)
+    kind = device.type
+    if kind == "cpu":
+        return device
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"device {name!r}: {why} on this machine; use device = \"cpu\" or \"auto\"")
+        count = torch.cuda.device_count()
+    elif kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r}: MPS (Apple GPU) is not available on this machine")
+        count = 1
+    else:  # xpu, hpu...: whatever torch module of that name says
+        module = getattr(torch, kind, None)
+        available = getattr(module, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"device {name!r}: no {kind} device is available in this torch build")
+        count = getattr(module, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"device {name!r}: this machine has {count} {kind} device(s) "
+                          f"({', '.join(f'{kind}:{i}' for i in range(count))})")
     return device
 
 
@@ -167,10 +197,53 @@ def weights_message(model: str) -> str:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     how = (
         f"download it on a machine with internet access (`huggingface-cli download {model} "
-        f"--local-dir <folder>`) and set the backend's `path = \"<folder>\"` in the suite"
+        f"--local-dir <folder>`) and set the backend's `model = \"<folder>\"` in the suite"
     )
     state = "the hub is offline (HF_HUB_OFFLINE=1) and " if offline else ""
     return f"Stable Diffusion weights {model!r} are not available: {state}they are not in the local cache; {how}."
+
+
+def check_sd_folder(folder: Path) -> None:
+    """Read what a diffusers folder promises before loading it, so a broken folder is one line
+    naming the broken part (a missing subfolder, a config that is not JSON, a corrupt or
+    truncated safetensors file) instead of a hub message or a traceback."""
+    import json
+
+    def fail(what: str) -> WeightsUnavailableError:
+        return WeightsUnavailableError(f"Stable Diffusion folder {folder}: {what}")
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise fail(f"model_index.json cannot be read ({exc})") from None
+    if not isinstance(index, dict):
+        raise fail("model_index.json is not a JSON object")
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        sub = folder / part
+        if part not in index or index[part] in (None, [None, None]):
+            raise fail(f"model_index.json names no `{part}`")
+        if not sub.is_dir():
+            raise fail(f"the `{part}` subfolder is missing")
+        for config in [*sub.glob("*config.json")]:
+            try:
+                json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise fail(f"{part}/{config.name} is not valid JSON ({exc})") from None
+        if part in ("unet", "vae", "text_encoder"):
+            weights = sorted(sub.glob("*.safetensors"))
+            if not weights and not any(sub.glob("*.bin")):
+                raise fail(f"`{part}` has no weights file (*.safetensors)")
+            for file in weights:  # the header names every tensor: a corrupt or cut file fails here
+                try:
+                    from safetensors import safe_open
+
+                    with safe_open(str(file), framework="pt") as handle:
+                        handle.keys()
+                    if file.stat().st_size < 8:
+                        raise ValueError("empty file")
+                except Exception as exc:  # noqa: BLE001 (SafetensorError is not an OSError)
+                    raise fail(f"{part}/{file.name} is not a valid safetensors file "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
 def load_sd(
@@ -199,6 +272,8 @@ def load_sd(
             f"{local} is not a diffusers Stable Diffusion folder (no model_index.json); save one with "
             "`StableDiffusionPipeline.save_pretrained` or download a model with `huggingface-cli download`."
         )
+    if is_local:
+        check_sd_folder(local)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             str(local) if is_local else model,
@@ -206,7 +281,14 @@ def load_sd(
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"),
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except Exception as exc:  # noqa: BLE001 (diffusers/transformers raise many kinds for a bad folder)
+        if is_local:  # not a download problem: say what diffusers found wrong, in one line
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise WeightsUnavailableError(
+                f"Stable Diffusion folder {local} cannot be loaded ({type(exc).__name__}: {first}); check that "
+                "its subfolders' configs match their weights (save it with `save_pretrained`)") from None
+        if not isinstance(exc, (OSError, ValueError, EnvironmentError)):
+            raise
         raise WeightsUnavailableError(weights_message(model) + f" ({type(exc).__name__})") from None
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -34,19 +34,19 @@ class SurrogateParams(Attack.Params):
     """DreamBooth surrogate recipe of Anti-DreamBooth's ``train_one_epoch`` (``attacks/aspl.py``)
     plus the memory options of this suite."""
 
-    learning_rate: float = 5e-7
+    learning_rate: float = Field(5e-7, gt=0)
     train_text_encoder: bool = True
     with_prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = Field(1.0, ge=0)
     num_class_images: int = Field(200, ge=1)
     class_inference_steps: int = Field(50, ge=1)  # the base model's default sampler call
-    class_guidance_scale: float = 7.5
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    class_guidance_scale: float = Field(7.5, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
     #: the released ASPL loop writes clip_grad_norm_(…, 1.0) on a consumed iterator, i.e. no clipping
-    max_grad_norm: float | None = None
+    max_grad_norm: float | None = Field(None, gt=0)
     #: weights of the surrogate (see ``_precision``): "release" = what the method's release does
     #: (pure bf16 for ASPL/SimAC/MetaCloak, whose lr-5e-7 updates then round away; fp32 for FSMG),
     #: "fp32" = a real fp32 fine-tune (a different attack), "bf16", "context" = the run's dtype

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from benchbase_plugins.attacks._frozen import (
     chunks,
     frozen_setup,
@@ -29,13 +30,13 @@ class AdvDM(Attack):
     """
 
     class Params(Attack.Params):
-        eps: float = 16.0  # levels (Diff-Protect epsilon=16 in [-1,1] units of 2/255)
-        step_size: float = 1.0  # levels
-        steps: int = 100
+        eps: float = Field(16.0, ge=0)  # levels (Diff-Protect epsilon=16 in [-1,1] units of 2/255)
+        step_size: float = Field(1.0, ge=0)  # levels
+        steps: int = Field(100, ge=0)
         sign: Literal["+", "-"] = "+"
         prompt: str = "a photo"
         random_start: bool = True
-        batch_size: int | None = None  # images per PGD batch (None: all); results are per-image
+        batch_size: int | None = Field(None, ge=1)  # images per PGD batch (None: all); results are per-image
         gradient_checkpointing: bool = False  # UNet checkpointing for full-size models
 
     supports_adaptive: ClassVar[bool] = True

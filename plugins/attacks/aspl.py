@@ -63,11 +63,11 @@ class ASPL(Attack):
     """
 
     class Params(SurrogateParams):
-        eps: float = 6.375
+        eps: float = Field(6.375, ge=0)
         max_train_steps: int = Field(50, ge=0)  # outer iterations
         max_f_train_steps: int = Field(3, ge=0)  # surrogate steps per phase
         max_adv_train_steps: int = Field(6, ge=0)  # PGD steps per iteration
-        pgd_alpha: float = 0.6375  # levels
+        pgd_alpha: float = Field(0.6375, ge=0)  # levels
         target_image: str | None = None
         ensemble: list[dict[str, Any]] = Field(default_factory=list)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from benchbase.components import Attack, Context, Params
 
@@ -25,7 +26,7 @@ class UniformNoise(Attack):
     """x + U(-eps, eps) per pixel, i.i.d.; run at the same eps as the attack it is compared with."""
 
     class Params(Attack.Params):
-        eps: float = 8.0
+        eps: float = Field(8.0, ge=0)
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         eps = self.eps / 255.0

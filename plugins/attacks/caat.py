@@ -31,15 +31,15 @@ class CAAT(Attack):
     """
 
     class Params(Attack.Params):
-        eps: float = 6.375
-        pgd_alpha: float = 0.6375
+        eps: float = Field(6.375, ge=0)
+        pgd_alpha: float = Field(0.6375, ge=0)
         max_train_steps: int = Field(250, ge=0)
-        learning_rate: float = 1e-5
-        max_grad_norm: float = 1.0
-        adam_beta1: float = 0.9
-        adam_beta2: float = 0.999
-        adam_weight_decay: float = 1e-2
-        adam_epsilon: float = 1e-8
+        learning_rate: float = Field(1e-5, gt=0)
+        max_grad_norm: float = Field(1.0, gt=0)
+        adam_beta1: float = Field(0.9, ge=0, lt=1)
+        adam_beta2: float = Field(0.999, ge=0, lt=1)
+        adam_weight_decay: float = Field(1e-2, ge=0)
+        adam_epsilon: float = Field(1e-8, gt=0)
         #: None = "a photo of a {class noun}" from the dataset's prompts ("a photo of a person")
         prompt: str | None = None
         precision: Literal["context", "fp32", "bf16"] = "context"

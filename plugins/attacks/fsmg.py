@@ -45,13 +45,13 @@ class FSMG(Attack):
     """
 
     class Params(SurrogateParams):
-        eps: float = 6.375
+        eps: float = Field(6.375, ge=0)
         max_adv_train_steps: int = Field(100, ge=0)
-        pgd_alpha: float = 0.6375
+        pgd_alpha: float = Field(0.6375, ge=0)
         surrogate_train_steps: int = Field(1000, ge=0)
         surrogate_batch_size: int = Field(2, ge=1)
-        max_grad_norm: float | None = 1.0  # train_dreambooth.py clips (unlike ASPL's inner loop)
-        surrogate_seed: int = 0
+        max_grad_norm: float | None = Field(1.0, gt=0)  # train_dreambooth.py clips (unlike ASPL's inner loop)
+        surrogate_seed: int = Field(0, ge=0)
         target_image: str | None = None
 
     supports_adaptive = True

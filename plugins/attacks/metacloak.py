@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from benchbase.components import Attack, Context
 
@@ -96,19 +96,26 @@ class MetaCloak(Attack):
     """
 
     class Params(SurrogateParams):
-        eps: float = 11.0
-        pgd_alpha: float = 1.1  # r / 10
+        eps: float = Field(11.0, ge=0)
+        pgd_alpha: float = Field(1.1, ge=0)  # r / 10
         defense_pgd_step_num: int = Field(6, ge=0)
         total_trial_num: int = Field(4, ge=1)
         pool_train_steps: int = Field(1000, ge=1)
         pool_interval: int = Field(200, ge=1)
         advance_steps: int = Field(2, ge=1)
         eot_samples: int = Field(1, ge=1)  # defense_sample_num
-        blur_kernel_size: int = 7
+        blur_kernel_size: int = Field(7, ge=1)
         #: metacloak.sh does not pass --defense_pgd_random_start
         random_start: bool = False
         #: the release's quirks: instance images in [0, 255] into the VAE in the training steps
         paper_quirks: bool = True
+
+        @field_validator("blur_kernel_size")
+        @classmethod
+        def _odd(cls, v: int) -> int:
+            if v % 2 == 0:
+                raise ValueError("must be odd (torchvision's gaussian_blur needs a centre pixel)")
+            return v
 
     supports_adaptive = True
     #: training weights of the release (its PGD casts them to fp16: see ``_dtypes``)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from benchbase_plugins.attacks._frozen import (
     chunks,
     frozen_setup,
@@ -39,15 +40,15 @@ class Mist(Attack):
     """
 
     class Params(Attack.Params):
-        eps: float = 16.0
-        step_size: float = 1.0
-        steps: int = 100
+        eps: float = Field(16.0, ge=0)
+        step_size: float = Field(1.0, ge=0)
+        steps: int = Field(100, ge=0)
         mode: Literal["semantic", "textural", "fused"] = "fused"
-        rate: float = 1e4  # weight of the semantic term in fused mode
+        rate: float = Field(1e4, ge=0)  # weight of the semantic term in fused mode
         prompt: str = "a painting"
         target_image: str | None = None  # None: the bundled pattern
         random_start: bool = True
-        batch_size: int | None = None
+        batch_size: int | None = Field(None, ge=1)
         gradient_checkpointing: bool = False
 
     supports_adaptive: ClassVar[bool] = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, load_target
 from benchbase_plugins.attacks._pgd import pgd
 from pydantic import Field
@@ -59,21 +60,21 @@ class PhotoGuard(Attack):
 
     class Params(Attack.Params):
         mode: Literal["encoder", "diffusion"] = "encoder"
-        eps: float | None = None  # levels; None: 7.65 (encoder) / 12.75 (diffusion)
-        step_size: float | None = None  # levels, first step of the decay; None: native
-        steps: int | None = None  # None: 1000 (encoder) / 200 (diffusion)
+        eps: float | None = Field(None, ge=0)  # levels; None: 7.65 (encoder) / 12.75 (diffusion)
+        step_size: float | None = Field(None, ge=0)  # levels, first step of the decay; None: native
+        steps: int | None = Field(None, ge=0)  # None: 1000 (encoder) / 200 (diffusion)
         decay: bool | None = None  # None: True (encoder) / False (diffusion)
         random_start: bool | None = None  # None: True (encoder) / False (diffusion)
         target: Literal["zero", "gray", "image"] = "zero"
         target_image: str | None = None  # for target = "image"; None: the bundled pattern
         # diffusion mode
-        sampling_steps: int = 4
-        strength: float = 0.5
-        eta: float = 1.0
+        sampling_steps: int = Field(4, ge=1)
+        strength: float = Field(0.5, ge=0, le=1)
+        eta: float = Field(1.0, ge=0)
         prompt: str = ""
-        guidance_scale: float = 7.5
+        guidance_scale: float = Field(7.5, ge=0)
         grad_reps: int | None = Field(None, ge=1)  # EOT repetitions (diffusion); None: 5
-        batch_size: int | None = None
+        batch_size: int | None = Field(None, ge=1)
         gradient_checkpointing: bool = False
 
     def _native(self, key: str):

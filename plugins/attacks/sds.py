@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from benchbase_plugins.attacks._frozen import (
     chunks,
     frozen_setup,
@@ -36,19 +37,19 @@ class SDS(Attack):
     """
 
     class Params(Attack.Params):
-        eps: float = 16.0
-        step_size: float = 1.0
-        steps: int = 100
+        eps: float = Field(16.0, ge=0)
+        step_size: float = Field(1.0, ge=0)
+        steps: int = Field(100, ge=0)
         sign: Literal["+", "-"] = "-"
         prompt: str = "a photo"
         target: bool = False  # SDST (using_target)
-        target_rate: float = 5.0  # weight of the SDS term against the textural term in SDST
+        target_rate: float = Field(5.0, ge=0)  # weight of the SDS term against the textural term in SDST
         target_image: str | None = None  # None: the bundled pattern (docs/attacks-frozen.md)
         random_start: bool = False
         # The released pgd_sds backpropagates through the same posterior sample it noised; an
         # earlier variant (commented out there) re-encoded the image for the backward pass.
         resample_for_backward: bool = False
-        batch_size: int | None = None
+        batch_size: int | None = Field(None, ge=1)
 
     supports_adaptive: ClassVar[bool] = True
 

@@ -41,13 +41,13 @@ class SimAC(ASPL):
     """
 
     class Params(ASPL.Params):
-        eps: float = 8.0
+        eps: float = Field(8.0, ge=0)
         select_max_steps: int = Field(50, ge=0)
         select_samples: int = Field(5, ge=1)
         delta_t: int = Field(20, ge=1)
         select_keep: int = Field(100, ge=1)
         feature_loss: Literal["detached", "gradient"] = "detached"
-        feature_weight: float = 1.0
+        feature_weight: float = Field(1.0, ge=0)
 
     method = "simac"
 

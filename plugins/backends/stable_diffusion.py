@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from benchbase.components import Backend, Params
 from benchbase.models.sd import SDModels, load_sd
@@ -24,7 +25,7 @@ class StableDiffusionBackend(Backend):
         model: str = "stabilityai/stable-diffusion-2-1-base"
         revision: str | None = None
         variant: str | None = None
-        resolution: int = 512
+        resolution: int = Field(512, ge=8, multiple_of=8)  # the VAE downsamples by 8
         scheduler: Literal["default", "ddim", "ddpm"] = "default"
 
     def fingerprint(self) -> str:
@@ -57,8 +58,8 @@ class TinyBackend(Backend):
 
     class Params(Params):
         preset: Literal["tiny", "small"] = "tiny"
-        seed: int = 0
-        resolution: int = 64
+        seed: int = Field(0, ge=0)
+        resolution: int = Field(64, ge=8, multiple_of=8)
         prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
     def _config(self) -> dict:

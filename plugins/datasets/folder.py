@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pydantic import ValidationInfo, field_validator
+
 from benchbase.components import Dataset, IdentityData, Params, Prompts
 from benchbase.errors import DataError
 from benchbase.images import image_files, load_images
@@ -30,9 +32,33 @@ class FolderDataset(Dataset):
         class_prompt: str = "a photo of {class_noun}"
         eval_prompts: list[str] = ["a photo of {identifier} {class_noun}", "a dslr portrait of {identifier} {class_noun}"]
 
+        @field_validator("identities")
+        @classmethod
+        def _names(cls, names: list[str] | None) -> list[str] | None:
+            # an identity is a folder directly under root: a path would read outside the dataset
+            for name in names or []:
+                if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+                    raise ValueError(f"{name!r} is not an identity folder name (a name under root, not a path)")
+            return names
+
+        @field_validator("instance_prompt", "class_prompt", "eval_prompts")
+        @classmethod
+        def _template(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+            # prompts are filled with str.format: any other placeholder or a stray brace is a typo
+            fill = {k: info.data.get(k, "") for k in ("identifier", "class_noun")}
+            for text in value if isinstance(value, list) else [value]:
+                try:
+                    text.format(**fill)
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise ValueError(f"{text!r} cannot be filled ({type(exc).__name__}: {exc}); "
+                                     "the placeholders are {identifier} and {class_noun}") from None
+            return value
+
     @property
     def root(self) -> Path:
         root = Path(self.params.root).expanduser()
+        if root.exists() and not root.is_dir():
+            raise DataError(f"dataset folder {root} is not a folder")
         if not root.is_dir():
             raise DataError(f"dataset folder {root} does not exist")
         return root

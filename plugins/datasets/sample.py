@@ -19,6 +19,7 @@ import hashlib
 
 import numpy as np
 from PIL import Image, ImageEnhance
+from pydantic import Field
 
 from benchbase.components import Dataset, IdentityData, Params, Prompts
 from benchbase.errors import DataError
@@ -66,8 +67,8 @@ def _augment(img: Image.Image, box: tuple, rng: np.random.Generator, resolution:
 class SampleDataset(Dataset):
     class Params(Params):
         identities: list[str] = list(SOURCES)
-        images_per_set: int = 4
-        seed: int = 0
+        images_per_set: int = Field(4, ge=1)
+        seed: int = Field(0, ge=0)
         class_noun: str = "person"
         identifier: str = "sks"
 

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from benchbase.components import Context, Metric, MetricInputs, MetricValue, Params
 from benchbase.errors import ConfigError
@@ -184,8 +185,8 @@ class SERFIQ(Metric):
     class Params(Params):
         embedder: Literal["facenet-vggface2"] = "facenet-vggface2"
         weights: str | None = None  # local checkpoint path of the embedder
-        passes: int = 100
-        min_face_size: int = 50
+        passes: int = Field(100, ge=1)
+        min_face_size: int = Field(50, ge=1)
         of: Literal["generated", "protected", "purified", "clean"] = "generated"
 
     def available(self) -> str | None:

@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from benchbase.components import Context, Metric, MetricInputs, MetricValue, Params
 from benchbase.errors import ConfigError
@@ -163,7 +164,7 @@ class ReferenceRMSE(Metric):
     reads: ClassVar[tuple[str, ...]] = ("generated", "references")
 
     class Params(Params):
-        size: int = 32
+        size: int = Field(32, ge=1)
 
     def available(self) -> str | None:
         return None

@@ -70,28 +70,28 @@ def class_images(ctx: Context, prompt: str, n: int, steps: int, guidance: float)
 class DreamBooth(Personalizer):
     class Params(Params):
         max_train_steps: int = Field(1000, ge=0)
-        learning_rate: float = 5e-7
+        learning_rate: float = Field(5e-7, gt=0)
         #: instance images per step (and as many class images); 1 = the official recipe
         train_batch_size: int = Field(1, ge=1)
         train_text_encoder: bool = True
         with_prior_preservation: bool = True
-        prior_loss_weight: float = 1.0
+        prior_loss_weight: float = Field(1.0, ge=0)
         num_class_images: int = Field(200, ge=1)
-        class_inference_steps: int = 50
-        class_guidance_scale: float = 7.5
-        max_grad_norm: float = 1.0
-        adam_beta1: float = 0.9
-        adam_beta2: float = 0.999
-        adam_weight_decay: float = 1e-2
-        adam_epsilon: float = 1e-8
+        class_inference_steps: int = Field(50, ge=1)
+        class_guidance_scale: float = Field(7.5, ge=0)
+        max_grad_norm: float = Field(1.0, gt=0)
+        adam_beta1: float = Field(0.9, ge=0, lt=1)
+        adam_beta2: float = Field(0.999, ge=0, lt=1)
+        adam_weight_decay: float = Field(1e-2, ge=0)
+        adam_epsilon: float = Field(1e-8, gt=0)
         optimizer: Literal["auto", "adamw", "adamw8bit"] = "auto"
         mixed_precision: Literal["no", "bf16", "fp16"] = "no"
         gradient_checkpointing: bool = False
         # generation (changing these does not retrain)
         num_images_per_prompt: int = Field(16, ge=1)
-        num_inference_steps: int = 100
-        guidance_scale: float = 7.5
-        generation_batch_size: int = 4
+        num_inference_steps: int = Field(100, ge=1)
+        guidance_scale: float = Field(7.5, ge=0)
+        generation_batch_size: int = Field(4, ge=1)
 
     generation_fields = frozenset({"num_images_per_prompt", "num_inference_steps", "guidance_scale",
                                    "generation_batch_size"})

@@ -114,7 +114,7 @@ class DreamBoothLoRA(DreamBooth):
 
     class Params(DreamBooth.Params):
         max_train_steps: int = Field(500, ge=0)
-        learning_rate: float = 1e-4
+        learning_rate: float = Field(1e-4, gt=0)
         #: text-encoder LoRA on q/k/v/out_proj (diffusers ``--train_text_encoder``; off by default)
         train_text_encoder: bool = False
         #: the diffusers script uses torch AdamW unless ``--use_8bit_adam``

@@ -68,7 +68,7 @@ class LatentDiffPure(Purifier):
         t: int = Field(300, ge=0, le=999)
         prompt: str = "a photo of a person, clear, high resolution, high quality, noise-free"
         negative_prompt: str = ""
-        guidance_scale: float = 7.5
+        guidance_scale: float = Field(7.5, ge=0)
         batch_size: int = Field(4, ge=1)
         gradient: Literal["bpda", "truncated"] = "bpda"
         truncated_steps: int = Field(1, ge=1)

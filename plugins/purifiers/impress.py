@@ -87,8 +87,8 @@ class IMPRESS(Purifier):
 
     class Params(Params):
         iterations: int = Field(3000, ge=1)
-        lr: float = 0.01
-        lr_min: float = 1e-5
+        lr: float = Field(0.01, gt=0)
+        lr_min: float = Field(1e-5, ge=0)
         bound: float = Field(0.1, ge=0, description="Δ (pur_eps): LPIPS budget to the input")
         weight: float = Field(0.1, ge=0, description="α (pur_alpha): weight of the LPIPS hinge")
         init_noise: float = Field(0.1, ge=0)

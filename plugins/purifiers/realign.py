@@ -326,7 +326,7 @@ class Realign(Purifier):
         model: str = UPSCALER
         prompt: str = "A photo of a person"
         num_inference_steps: int = Field(75, ge=1)
-        guidance_scale: float = 9.0
+        guidance_scale: float = Field(9.0, ge=0)
         noise_level: int = Field(20, ge=0, le=350)
         low_res: int = Field(128, ge=4)
         scale_with_resolution: bool = True
@@ -338,9 +338,9 @@ class Realign(Purifier):
         alignment_prompt: str | None = None
         calibration_images: int = Field(8, ge=1)
         calibration_steps: int = Field(50, ge=1)
-        calibration_guidance: float = 7.5
+        calibration_guidance: float = Field(7.5, ge=0)
         calibration_quantile: float = Field(0.1, ge=0, le=1)
-        min_alignment: float | None = None
+        min_alignment: float | None = Field(None, ge=-1, le=1)  # a cosine similarity
 
         @field_validator("strengths")
         @classmethod

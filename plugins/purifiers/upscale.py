@@ -121,7 +121,7 @@ class _Upscaler(Purifier):
         prompt: str = "A photo of a person"
         negative_prompt: str = ""
         num_inference_steps: int = Field(75, ge=1)
-        guidance_scale: float = 9.0
+        guidance_scale: float = Field(9.0, ge=0)
         noise_level: int = Field(20, ge=0, le=350)
         low_res: int | None = Field(128, ge=4)
         scale_with_resolution: bool = True

@@ -12,7 +12,7 @@ class Checkerboard(Attack):
     to 8-bit PNG and clips it to the budget."""
 
     class Params(Attack.Params):
-        eps: float = 8.0
+        eps: float = Field(8.0, ge=0)  # levels; a redefined field repeats its bounds
         cell: int = Field(4, ge=1)
 
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:

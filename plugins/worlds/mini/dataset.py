@@ -11,6 +11,7 @@ class noun the world was trained with: "a photo of sks person" / "a photo of per
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated
 
 from pydantic import Field
 
@@ -23,9 +24,10 @@ SETS = ("set_A", "set_B", "set_C")
 
 class MiniDataset(Dataset):
     class Params(Params):
-        identities: int | list[str] = Field(8, description="how many held-out identities, or their names")
+        identities: Annotated[int, Field(ge=1)] | list[str] = Field(
+            8, description="how many held-out identities, or their names")
         images_per_set: int = Field(4, ge=1)
-        seed: int = 0
+        seed: int = Field(0, ge=0)
         identifier: str = "sks"
 
     def identities(self) -> list[str]:

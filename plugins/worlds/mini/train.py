@@ -132,7 +132,7 @@ class Trainer:
         t0 = time.time()
         gen = self.generator(stage)
         if ckpt.is_file():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values only
             for k, m in modules.items():
                 m.load_state_dict(state["modules"][k])
             opt.load_state_dict(state["opt"])
@@ -251,7 +251,7 @@ class Trainer:
     def latents(self) -> torch.Tensor:
         path = self.work / "latents.pt"
         if path.is_file():
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         vae, images = self.load_vae(), self.data()["images"]
         with torch.no_grad():
             lat = torch.cat([vae.encode(self.to_float(images[i:i + 128]) * 2 - 1).latent_dist.mean
