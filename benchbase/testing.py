@@ -15,7 +15,7 @@ from benchbase.store import Store
 
 
 def tiny_backend(resolution: int = 64, preset: str = "tiny", seed: int = 0, prediction_type: str = "epsilon"):
-    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
 
     return TinyBackend(resolution=resolution, preset=preset, seed=seed, prediction_type=prediction_type)
 

@@ -164,7 +164,7 @@ def test_mini_backend_generates_portraits_the_world_detects():
 
 
 def test_face_metrics_pick_the_world_models_on_the_mini_backend():
-    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
     from benchbase_plugins.worlds.mini.backend import MiniBackend
     from benchbase_plugins.metrics.faces import resolve
 

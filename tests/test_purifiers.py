@@ -150,7 +150,7 @@ def test_noisy_upscale_conditions_without_adding_low_res_noise(purifiers):
 
 
 def test_tiny_clip_loads_its_checkpoint():
-    from benchbase_plugins.purifiers._tiny_models import tiny_clip_checkpoint
+    from benchbase_plugins.worlds.tiny.standins import tiny_clip_checkpoint
     from benchbase_plugins.purifiers.realign import ClipAlignment
 
     saved = torch.load(tiny_clip_checkpoint(), map_location="cpu")

@@ -65,7 +65,7 @@ def open_clip_available(model: str, pretrained: str | None) -> str | None:
 def load_open_clip(model: str, pretrained: str | None):
     """(model, preprocess, tokenizer); ``model="tiny"`` builds the seeded random test model."""
     if model == TINY:
-        from . import _tiny_clip
+        from benchbase_plugins.worlds.tiny import clip as _tiny_clip
 
         return _tiny_clip.build()
     if model == MINI:

@@ -152,7 +152,7 @@ def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_
     else:
         description = model
         if model in ("tiny", "tiny-adm"):
-            from ._tiny_models import tiny_adm_model_folder, tiny_pixel_model_folder
+            from benchbase_plugins.worlds.tiny.standins import tiny_adm_model_folder, tiny_pixel_model_folder
 
             model = str(tiny_pixel_model_folder() if model == "tiny" else tiny_adm_model_folder())
 

@@ -19,7 +19,7 @@ def load_lpips(kind: str, device: torch.device):
     """LPIPS distance on [-1,1] inputs. ``"vgg"``: LPIPS-VGG v0.1 (the ``lpips`` package if
     installed, else pyiqa's implementation); ``"tiny"``: the offline random-weight stand-in."""
     if kind == "tiny":
-        from ._tiny_models import TinyLPIPS
+        from benchbase_plugins.worlds.tiny.standins import TinyLPIPS
 
         return TinyLPIPS().to(device)
     try:

@@ -248,7 +248,7 @@ class ClipAlignment:
         import open_clip
 
         if model == "tiny":
-            from ._tiny_models import (
+            from benchbase_plugins.worlds.tiny.standins import (
                 TINY_CLIP_NAME,
                 register_tiny_clip,
                 tiny_clip_checkpoint,

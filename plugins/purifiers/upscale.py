@@ -37,7 +37,7 @@ def load_upscaler(model: str, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionUpscalePipeline
 
     if model == "tiny":
-        from ._tiny_models import tiny_upscaler_folder
+        from benchbase_plugins.worlds.tiny.standins import tiny_upscaler_folder
 
         model = str(tiny_upscaler_folder())
     elif model == "mini":  # the benchbase-mini world's trained x4 upscaler (16 px -> 64 px)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchbase.models.tiny import build_clip_tokenizer, build_folder_once, cache_root
+from benchbase.models.offline import build_clip_tokenizer, build_folder_once, cache_root
 
 TINY_PURIFIER_FORMAT = 1  # bump when a construction below changes (invalidates cached folders)
 
@@ -123,7 +123,7 @@ def build_tiny_adm_model(folder: Path) -> None:
     guided-diffusion's schedule and learned-range variance."""
     from diffusers import DDPMPipeline, UNet2DModel
 
-    from ._guided_diffusion import scheduler, unet_config
+    from benchbase_plugins.purifiers._guided_diffusion import scheduler, unet_config
 
     config = unet_config(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
                          num_head_channels=16, learn_sigma=True, image_size=32)

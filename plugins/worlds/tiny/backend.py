@@ -1,0 +1,50 @@
+"""The ``tiny`` backend: a random-weight Stable-Diffusion-shaped model built offline from
+configs (``models.py``), loaded through ``benchbase.models.sd.load_sd`` as real weights are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from benchbase.components import Backend, Params
+from benchbase.models.sd import SDModels, load_sd
+
+
+class TinyBackend(Backend):
+    """Random-weight Stable-Diffusion-shaped model built offline from configs.
+
+    The numbers it produces test the machinery (stages, caching, budgets), not protection.
+    """
+
+    class Params(Params):
+        preset: Literal["tiny", "small"] = "tiny"
+        seed: int = 0
+        resolution: int = 64
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+    def _config(self) -> dict:
+        from .models import tiny_config
+
+        p = self.params
+        return tiny_config(p.preset, p.seed, p.resolution, p.prediction_type)
+
+    def fingerprint(self) -> str:
+        from .models import fingerprint
+
+        return f"tiny-{fingerprint(self._config())}"
+
+    def describe(self) -> str:
+        p = self.params
+        return (f"benchbase tiny backend, preset {p.preset!r}, RANDOM weights (seed {p.seed}), "
+                f"{p.resolution} px, {p.prediction_type}")
+
+    def folder(self) -> Path:
+        from .models import ensure_tiny_folder
+
+        p = self.params
+        return ensure_tiny_folder(p.preset, p.seed, p.resolution, p.prediction_type)
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
+        return load_sd(str(self.folder()), device, dtype, self.params.resolution)
