@@ -274,7 +274,7 @@ class Runner:
             generator=torch.Generator().manual_seed(derive_seed(seed, *stage)),
             backend=self.backend, identity=identity.data if identity else None, prompts=self.prompts(),
             shared=SharedStages(self._shared_stage), threat=threat, workdir=self.store.root / "work",
-            progress=partial(self.progress),
+            progress=partial(self.progress), plugins=self.pm,
         )
 
     def _shared_stage(self, stage: str, parts: dict, fn: Callable[[Path], None]) -> Path:

@@ -57,6 +57,7 @@ class PretrainedTiny:
         self._base = tiny_backend(**tiny_params)
         self._steps, self._prompt = steps, prompt
         self.name, self.version, self.params = "tiny-denoiser", "test", self._base.params
+        self.default_models = self._base.default_models
 
     def fingerprint(self) -> str:
         return f"{self._base.fingerprint()}-denoiser{self._steps}"

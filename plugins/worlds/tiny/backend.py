@@ -4,7 +4,7 @@ configs (``models.py``), loaded through ``benchbase.models.sd.load_sd`` as real 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -16,7 +16,12 @@ class TinyBackend(Backend):
     """Random-weight Stable-Diffusion-shaped model built offline from configs.
 
     The numbers it produces test the machinery (stages, caching, budgets), not protection.
+    ``"auto"`` models are the tiny world's random stand-ins where it has one (CLIP, x4 upscaler,
+    pixel diffusion model, LPIPS); faces use the real defaults (MTCNN, dlib).
     """
+
+    default_models: ClassVar[dict[str, str]] = {
+        "clip": "tiny", "x4-upscaler": "tiny", "pixel-diffusion": "tiny", "lpips": "tiny"}
 
     class Params(Params):
         preset: Literal["tiny", "small"] = "tiny"
