@@ -38,7 +38,8 @@ def main():
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
     benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
     benchbase ls attacks           list component names of a family (`ls models`: models by role)
-    benchbase train-mini           retrain the mini world's models (about an hour on 2 CPU cores)
+
+    Plugins may add commands (e.g. a world's training command): listed below.
     """
 
 
@@ -230,15 +231,18 @@ def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: 
         report.serve(index, run_dir, port=port, store=store, echo=click.echo)
 
 
+def _add_plugin_commands() -> None:
+    """Commands that plugins add through ``register_commands(cli)`` (e.g. a world's training
+    command); a broken plugin leaves the core commands working (``benchbase plugins`` says why)."""
+    from benchbase.plugins import get_plugin_manager
+
+    try:
+        get_plugin_manager().register_commands(main)
+    except BenchbaseError as exc:  # e.g. two plugins registering one name: the core commands still work
+        click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
+
+
+_add_plugin_commands()
+
 if __name__ == "__main__":
     main()
-
-
-@main.command("train-mini", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                              "help_option_names": []})
-@click.pass_context
-def train_mini(ctx):
-    """Train the benchbase-mini world's models (see `benchbase train-mini --help`)."""
-    from benchbase_plugins.worlds.mini.train import main as train_main
-
-    raise SystemExit(train_main(list(ctx.args)))

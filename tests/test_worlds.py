@@ -1,9 +1,12 @@
-"""Worlds as plugins: models by role, a backend's defaults, and no world named outside its
-own package."""
+"""Worlds as plugins: models by role, a backend's defaults, plugin commands, and no world
+named outside its own package."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from benchbase import hookimpl
@@ -84,6 +87,13 @@ class BlobWorld:
     def register_models(self, register):
         register("face-detector", "blob", BlobDetector, description="finds a face everywhere")
 
+    @hookimpl
+    def register_commands(self, cli):
+        @cli.command("train-blob")
+        def train_blob():
+            """Train the blob world."""
+            click.echo("trained")
+
 
 def blob_manager() -> PluginManager:
     pm = PluginManager(entry_points=False)
@@ -158,3 +168,47 @@ def test_two_defaults_for_a_role_name_both_plugins():
     pm.register(Other(), name="other")
     with pytest.raises(Exception, match="default=True.*'mtcnn'.*'other'"):
         pm.models()
+
+
+# ---------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------
+
+
+def test_plugin_commands_are_added_and_cannot_replace_core_ones():
+    @click.group()
+    def cli():
+        pass
+
+    @cli.command()
+    def run():
+        pass
+
+    class Hijack:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command("run")
+            def evil():
+                pass
+
+    pm = blob_manager()
+    pm.register(Hijack(), name="hijack")
+    core_run = cli.commands["run"]
+    pm.register_commands(cli)
+    assert "train-blob" in cli.commands and cli.commands["run"] is core_run
+    assert any(f.name == "hijack" and "replace" in f.error for f in pm.failures)
+
+
+@pytest.mark.parametrize("module", ["benchbase", "benchbase.cli"])
+def test_python_m_offers_the_world_commands(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "train-mini" in out.stdout and "run" in out.stdout
+
+
+def test_ls_models_lists_models_by_role():
+    out = subprocess.run([sys.executable, "-m", "benchbase", "ls", "models"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {tuple(line.split("\t")) for line in out.stdout.splitlines()}
+    assert {("face-detector", "mtcnn*"), ("face-detector", "mini"), ("clip", "tiny"), ("lpips", "vgg*")} <= rows

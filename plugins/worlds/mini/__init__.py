@@ -35,3 +35,16 @@ def register_models(register):
     register("x4-upscaler", "mini", f"{_W}.roles:upscaler_folder",
              description="the mini world's x4 upscaler (16 px -> 64 px)")
 
+
+@hookimpl
+def register_commands(cli):
+    import click
+
+    @cli.command("train-mini", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                                  "help_option_names": []})
+    @click.pass_context
+    def train_mini(ctx):
+        """Retrain the mini world's models (about an hour on 2 CPU cores; train-mini --help)."""
+        from .train import main
+
+        raise SystemExit(main(list(ctx.args)))
