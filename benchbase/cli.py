@@ -78,7 +78,7 @@ def plugins(show_all: bool, as_json: bool):
                         click.echo(f"    {f[:-1]:<12} {e.name:<16} v{e.version:<4} {e.description}")
             for e in models:
                 if e.plugin == info.name:
-                    click.echo(f"    {e.role:<12} {e.name:<16}       {e.description}")
+                    click.echo(f"    {'model':<12} {e.name:<16} {'':<5} {e.role}: {e.description}")
     for info in pm.failures:
         click.echo(f"{info.name:<16} FAILED TO LOAD: {info.error}")
 
