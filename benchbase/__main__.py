@@ -1,4 +1,4 @@
-"""``python -m benchbase``: the ``benchbase`` command."""
+"""``python -m benchbase``: the ``benchbase`` command, plugin commands included."""
 
 from benchbase.cli import main
 

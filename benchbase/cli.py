@@ -12,7 +12,7 @@ import click
 from benchbase.errors import BenchbaseError, ConfigError
 from benchbase.families import FAMILIES
 
-KINDS = (*FAMILIES, "suites")
+KINDS = (*FAMILIES, "models", "suites")
 
 
 class CLI(click.Group):
@@ -36,8 +36,9 @@ def main():
     benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
     benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
-    benchbase ls attacks           list component names of a family
-    benchbase train-mini           retrain the mini world's models (about an hour on 2 CPU cores)
+    benchbase ls attacks           list component names of a family (`ls models`: models by role)
+
+    Plugins may add commands (e.g. a world's training command): listed below.
     """
 
 
@@ -50,6 +51,7 @@ def plugins(show_all: bool, as_json: bool):
 
     pm = get_plugin_manager()
     components = {f: pm.entries(f) for f in FAMILIES}
+    models = [e for entries in pm.models().values() for e in entries.values()]
     if as_json:
         out = {
             "plugins": [vars(p) for p in pm.plugins.values()],
@@ -57,11 +59,14 @@ def plugins(show_all: bool, as_json: bool):
             "components": {f: [{"name": e.name, "version": e.version, "plugin": e.plugin,
                                 "description": e.description} for e in entries.values()]
                            for f, entries in components.items()},
+            "models": [{"role": e.role, "name": e.name, "plugin": e.plugin, "description": e.description,
+                        "default": e.default, "any_name": e.any_name} for e in models],
         }
         click.echo(json.dumps(out, indent=1))
         return
     for info in sorted(pm.plugins.values(), key=lambda p: p.name):
         counts = {f: sum(1 for e in components[f].values() if e.plugin == info.name) for f in FAMILIES}
+        counts["models"] = sum(1 for e in models if e.plugin == info.name)
         what = ", ".join(f"{n} {f}" for f, n in counts.items() if n) or "nothing registered"
         dist = f"{info.distribution} {info.version}" if info.distribution else info.source
         click.echo(f"{info.name:<16} {dist:<24} {what}")
@@ -70,6 +75,9 @@ def plugins(show_all: bool, as_json: bool):
                 for e in components[f].values():
                     if e.plugin == info.name:
                         click.echo(f"    {f[:-1]:<12} {e.name:<16} v{e.version:<4} {e.description}")
+            for e in models:
+                if e.plugin == info.name:
+                    click.echo(f"    {'model':<12} {e.name:<16} {'':<5} {e.role}: {e.description}")
     for info in pm.failures:
         click.echo(f"{info.name:<16} FAILED TO LOAD: {info.error}")
 
@@ -78,7 +86,8 @@ def plugins(show_all: bool, as_json: bool):
 @click.argument("kind", type=click.Choice(KINDS))
 @click.option("-l", "--long", "long_", is_flag=True, help="Show version, plugin and description.")
 def ls(kind: str, long_: bool):
-    """List the component names of KIND, one per line."""
+    """List the component names of KIND, one per line (models: ROLE<TAB>NAME, the role's
+    default marked with *, a registration that also takes folders/hub ids with +)."""
     if kind == "suites":
         from benchbase.suite import builtin_suites
 
@@ -86,6 +95,13 @@ def ls(kind: str, long_: bool):
             click.echo(name)
         return
     from benchbase.plugins import get_plugin_manager
+
+    if kind == "models":
+        for role, entries in get_plugin_manager().models().items():
+            for entry in sorted(entries.values(), key=lambda e: (not e.default, e.name)):
+                mark = ("*" if entry.default else "") + ("+" if entry.any_name else "")
+                click.echo(f"{role}\t{entry.name}{mark}" + (f"\t{entry.plugin}\t{entry.description}" if long_ else ""))
+        return
 
     for entry in get_plugin_manager().entries(kind).values():
         click.echo(f"{entry.name}\tv{entry.version}\t{entry.plugin}\t{entry.description}" if long_ else entry.name)
@@ -238,15 +254,18 @@ def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: 
         report.serve(index, run_dir, port=port, store=store, echo=click.echo)
 
 
-@main.command("train-mini", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                              "help_option_names": []})
-@click.pass_context
-def train_mini(ctx):
-    """Train the benchbase-mini world's models (see `benchbase train-mini --help`)."""
-    from benchbase_plugins.worlds.mini.train import main as train_main
+def _add_plugin_commands() -> None:
+    """Commands that plugins add through ``register_commands(cli)`` (e.g. a world's training
+    command); a broken plugin leaves the core commands working (``benchbase plugins`` says why)."""
+    from benchbase.plugins import get_plugin_manager
 
-    raise SystemExit(train_main(list(ctx.args)))
+    try:
+        get_plugin_manager().register_commands(main)
+    except BenchbaseError as exc:  # e.g. two plugins registering one name: the core commands still work
+        click.echo(f"warning: plugin commands not loaded: {exc}", err=True)
 
+
+_add_plugin_commands()
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # torch is imported only by code that runs components
     import torch
 
     from benchbase.models.sd import SDModels
+    from benchbase.plugins import PluginManager
+    from benchbase.roles import ModelEntry
 
 
 class Params(BaseModel):
@@ -73,6 +75,9 @@ class Component:
     #: plots the report draws from what this component records (see ``FigureSpec``); the run
     #: writes them into run.json, so the report needs neither the plugin nor its name
     report_figures: ClassVar[tuple[FigureSpec, ...]] = ()
+    #: parameters that name an auxiliary model, and its role (``{"detector": "face-detector"}``):
+    #: the plugin manager checks such names when it builds the component (``benchbase.roles``)
+    model_roles: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **params: Any):
         try:
@@ -171,12 +176,20 @@ class Context:
     workdir: Path | None = None
     progress: Callable[..., Iterable] = _no_progress
     info: dict = field(default_factory=dict)  # JSON-able facts a stage records (shown in reports)
+    plugins: "PluginManager | None" = None  # the run's registry (None: the process-wide one)
 
     def models(self) -> "SDModels":
         """A fresh copy of the backend's models (each call loads new module instances)."""
         if self.backend is None:
             raise ConfigError("this stage needs a backend, but the suite defines none")
         return self.backend.load(self.device, self.dtype)
+
+    def find_model(self, role: str, name: str = "auto") -> "ModelEntry":
+        """The auxiliary model registered for ``role`` under ``name`` (``benchbase.roles``);
+        ``"auto"``: the backend's default for the role, else the role's default. Loads nothing."""
+        from benchbase.plugins import find_model
+
+        return find_model(role, name, self)
 
     def with_(self, **changes: Any) -> "Context":
         return replace(self, **changes)
@@ -334,9 +347,10 @@ class Metric(Component):
 class Backend(Component):
     """Loads the diffusion model every stage uses (surrogate and victim)."""
 
-    #: the face detector/embedder made for this backend's world (``"mini"``), which face
-    #: metrics with ``detector``/``embedder = "auto"`` use; None: the metrics' real defaults
-    face_models: ClassVar[str | None] = None
+    #: role -> name of the registered model made for this backend's world (its face detector,
+    #: CLIP, x4 upscaler...): what a metric or purifier asking for ``"auto"`` gets. Roles not
+    #: listed fall back to the role's default (MTCNN, dlib, OpenAI CLIP...); see benchbase.roles
+    default_models: ClassVar[dict[str, str]] = {}
     #: True for a model with random weights (a machinery check): reports and leaderboards say
     #: that its numbers test the machinery, not protection
     random_weights: ClassVar[bool] = False

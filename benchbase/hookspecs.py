@@ -6,6 +6,10 @@ Every family of components is contributed through one hook that receives a
 strings let ``benchbase plugins`` list everything without importing torch.
 Useful ``meta`` keys: ``version`` (part of every cache key: bump it when the
 algorithm's output changes) and ``description`` (one line shown by ``benchbase ls``).
+
+Two more hooks are not component families: ``register_models`` (auxiliary models by role,
+``register(role, name, target, **meta)``; see ``benchbase.roles``) and ``register_commands``
+(extra ``benchbase`` subcommands, e.g. a world's training command).
 """
 
 import pluggy
@@ -52,3 +56,16 @@ def register_datasets(register):
 @hookspec
 def register_executors(register):
     """Where a suite's stage graph runs: in-process (``local``) or on a cluster (``ray``) (Executor subclasses)."""
+
+
+@hookspec
+def register_models(register):
+    """Auxiliary models by role, ``register(role, name, target, **meta)``: a face detector, a CLIP,
+    an x4 upscaler... (``benchbase.roles`` lists the roles and what a target must be). Metrics and
+    purifiers ask for a role and a name (``"auto"``: the backend's default), never for a world."""
+
+
+@hookspec
+def register_commands(cli):
+    """Add subcommands to the ``benchbase`` command: ``cli`` is its click group
+    (``@cli.command()``), as in Simon Willison's ``llm``. Import heavy modules inside the command."""

@@ -122,7 +122,7 @@ class Runner:
                                   "but does not support it")
         self.stages = StageBuilder(suite, self.component, self.backend, self.backend_fp, self.prompts(),
                                    self.device, self.dtype, self._progress_bar, self.store.shared_stage,
-                                   self.store.root / "work", self._read)
+                                   self.store.root / "work", self._read, plugins=self.pm)
         self._reset()
 
     def _reset(self) -> None:

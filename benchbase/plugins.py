@@ -1,4 +1,5 @@
-"""Plugin manager: entry-point discovery, allow/deny lists, failure isolation, lookup by name.
+"""Plugin manager: entry-point discovery, allow/deny lists, failure isolation, lookup by name
+(components by family, auxiliary models by role), plugin commands.
 
 Bundled plugins are declared under ``[project.entry-points.benchbase]`` exactly like
 third-party ones, so there is one discovery path. Discovery happens once, lazily, on
@@ -17,15 +18,20 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pluggy
 
 from benchbase import hookspecs
 from benchbase.errors import ConfigError, PluginError, UnknownComponentError
 from benchbase.families import FAMILIES
+from benchbase.roles import ROLES, ModelEntry
+
+if TYPE_CHECKING:
+    from benchbase.components import Context
+
 ENTRY_POINT_GROUP = "benchbase"
 ALLOW_ENV = "BENCHBASE_PLUGINS"
 DENY_ENV = "BENCHBASE_DISABLE_PLUGINS"
@@ -91,6 +97,7 @@ class PluginManager:
         self._discover = entry_points
         self._discovered = False
         self._entries: dict[str, dict[str, Entry]] | None = None
+        self._models: dict[str, dict[str, ModelEntry]] | None = None
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginInfo] = []
 
@@ -99,7 +106,7 @@ class PluginManager:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         self._pm.register(plugin, name=name)
         self.plugins.setdefault(name, PluginInfo(name=name, source="registered"))
-        self._entries = None
+        self._entries = self._models = None
 
     def _discover_once(self) -> None:
         if self._discovered or not self._discover:
@@ -142,35 +149,46 @@ class PluginManager:
             raise UnknownComponentError(
                 f"unknown component family {family!r}; families are: {', '.join(FAMILIES)}"
             )
-        if self._entries is None:
-            self._discover_once()
-            self._entries = self._collect()
+        self._collect_once()
         return self._entries[family]
 
-    def _collect(self) -> dict[str, dict[str, Entry]]:
+    def _collect_once(self) -> None:
+        if self._entries is None or self._models is None:
+            self._discover_once()
+            self._entries, self._models = self._collect()
+
+    def _collect(self) -> tuple[dict[str, dict[str, Entry]], dict[str, dict[str, ModelEntry]]]:
         table: dict[str, dict[str, Entry]] = {f: {} for f in FAMILIES}
+        models: dict[str, dict[str, ModelEntry]] = {role: {} for role in ROLES}
         failed: set[str] = set()
-        for family in FAMILIES:
+        for family in (*FAMILIES, "models"):
             caller = getattr(self._pm.hook, f"register_{family}")
             for impl in caller.get_hookimpls():
                 plugin_name = impl.plugin_name
                 if plugin_name in failed:
                     continue
-                found: list[Entry] = []
+                found: list[Any] = []
 
                 def register(name: str, target: Any, _found=found, _family=family, _p=plugin_name, **meta):
                     _found.append(Entry(_family, name, target, _p, meta))
 
+                def register_model(role: str, name: str, target: Any, _found=found, _p=plugin_name, **meta):
+                    _found.append(ModelEntry(role, name, target, _p, meta))
+
                 try:
-                    impl.function(register=register)
+                    impl.function(register=register_model if family == "models" else register)
                 except Exception as exc:
                     failed.add(plugin_name)
                     info = self.plugins.pop(plugin_name, PluginInfo(plugin_name, "registered"))
                     info.error = f"register_{family} raised {type(exc).__name__}: {exc}"
                     self.failures.append(info)
-                    for fam in table.values():  # drop what this plugin registered before failing
+                    for fam in (*table.values(), *models.values()):  # drop what it registered before failing
                         for key in [k for k, e in fam.items() if e.plugin == plugin_name]:
                             del fam[key]
+                    continue
+                if family == "models":
+                    for entry in found:
+                        _add_model(models.setdefault(entry.role, {}), entry)
                     continue
                 for entry in found:
                     other = table[family].get(entry.name)
@@ -181,7 +199,7 @@ class PluginManager:
                             f"{DENY_ENV}=<plugin>"
                         )
                     table[family][entry.name] = entry
-        return table
+        return table, models
 
     def registered_modules(self) -> list[str]:
         """Importable module names of the plugins registered in-process (``register(module)``
@@ -209,7 +227,8 @@ class PluginManager:
         )
 
     def create(self, family: str, name: str, params: dict | None = None) -> Any:
-        """Build a component by name with validated parameters."""
+        """Build a component by name with validated parameters (model names included: a
+        parameter listed in the class's ``model_roles`` must name a model of that role)."""
         entry = self.get(family, name)
         cls = entry.load()
         try:
@@ -219,9 +238,86 @@ class PluginManager:
             raise ConfigError("\n".join(lines)) from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{family[:-1]} {name!r}: invalid parameters: {exc}") from exc
+        for param, role in getattr(cls, "model_roles", {}).items():
+            value = getattr(component.params, param, None)
+            if isinstance(value, str) and value != "auto":
+                try:
+                    self.find_model(role, value)
+                except UnknownComponentError as exc:
+                    raise ConfigError(f"{family[:-1]} {name!r}: {param}: {exc}") from None
         component.name = name
         component.version = entry.version
         return component
+
+    # -- models by role -----------------------------------------------------------------
+    def models(self, role: str | None = None) -> dict:
+        """``{role: {name: ModelEntry}}``, or ``{name: ModelEntry}`` of one role."""
+        self._collect_once()
+        if role is None:
+            return self._models
+        if role not in self._models:
+            close = difflib.get_close_matches(role, list(self._models), n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UnknownComponentError(f"unknown model role {role!r}.{hint} Roles: {', '.join(sorted(self._models))}.")
+        return self._models[role]
+
+    def find_model(self, role: str, name: str = "auto", backend: Any = None) -> ModelEntry:
+        """The model of ``role`` called ``name``. ``"auto"``: the backend's default for the role
+        (``Backend.default_models``), else the role's ``default`` registration. A name nobody
+        registered goes to the role's ``any_name`` registration (a folder, a hub id...), with
+        the name; without one it is an error that suggests close names."""
+        entries = self.models(role)
+        if name == "auto":
+            chosen = (getattr(backend, "default_models", None) or {}).get(role)
+            if chosen is None:
+                default = next((e for e in entries.values() if e.default), None)
+                if default is None:
+                    raise ConfigError(f"no default {role} model: name one ({', '.join(sorted(entries)) or 'none registered'})")
+                return default
+            name = chosen
+        if name in entries:
+            return entries[name]
+        fallback = next((e for e in entries.values() if e.any_name), None)
+        if fallback is not None:
+            return replace(fallback, name=name)
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownComponentError(f"unknown {role} model {name!r}.{hint} "
+                                    f"Known {role} models: {', '.join(sorted(entries)) or 'none'}.")
+
+    # -- commands -----------------------------------------------------------------------
+    def register_commands(self, cli: Any) -> None:
+        """Let plugins add subcommands to the click group ``cli`` (hook ``register_commands``).
+        A plugin that raises, or that would replace a command already there, is reported in
+        ``failures`` and leaves the group as it was."""
+        self._discover_once()
+        for impl in self._pm.hook.register_commands.get_hookimpls():
+            before = dict(cli.commands)
+            try:
+                impl.function(cli=cli)
+                replaced = [n for n, c in before.items() if cli.commands.get(n) is not c]
+                if replaced:
+                    raise PluginError(f"would replace the command(s) {', '.join(replaced)}")
+            except Exception as exc:
+                cli.commands.clear()
+                cli.commands.update(before)
+                info = self.plugins.get(impl.plugin_name) or PluginInfo(impl.plugin_name, "registered")
+                info.error = f"register_commands raised {type(exc).__name__}: {exc}"
+                self.failures.append(info)
+
+
+def _add_model(entries: dict[str, ModelEntry], entry: ModelEntry) -> None:
+    other = entries.get(entry.name)
+    if other is not None:
+        raise PluginError(f"{entry.role} model {entry.name!r} is registered twice: by plugin {other.plugin!r} "
+                          f"and by plugin {entry.plugin!r}; disable one with {DENY_ENV}=<plugin>")
+    for flag in ("default", "any_name"):
+        if getattr(entry, flag):
+            other = next((e for e in entries.values() if getattr(e, flag)), None)
+            if other is not None:
+                raise PluginError(f"two {entry.role} models are registered with {flag}=True: {other.name!r} "
+                                  f"(plugin {other.plugin!r}) and {entry.name!r} (plugin {entry.plugin!r})")
+    entries[entry.name] = entry
 
 
 _default: PluginManager | None = None
@@ -235,6 +331,13 @@ def get_plugin_manager() -> PluginManager:
     return _default
 
 
+def find_model(role: str, name: str = "auto", ctx: "Context | None" = None) -> ModelEntry:
+    """``PluginManager.find_model`` with the context's plugin manager and backend (the process-wide
+    manager and no backend when ``ctx`` is None)."""
+    pm = getattr(ctx, "plugins", None) or get_plugin_manager()
+    return pm.find_model(role, name, getattr(ctx, "backend", None))
+
+
 def format_failure(info: PluginInfo) -> str:
     return f"{info.name}: {info.error}"
 
@@ -245,5 +348,6 @@ __all__ = [
     "PluginInfo",
     "PluginManager",
     "get_plugin_manager",
+    "find_model",
     "format_failure",
 ]

@@ -71,8 +71,9 @@ class StageBuilder:
     def __init__(self, suite: Suite, component: Callable[[Spec], Any], backend, backend_fp: str,
                  prompts: Prompts, device: torch.device, dtype: torch.dtype, progress: Callable,
                  shared: Callable[[str, dict, Callable[[Path], None]], Path], workdir: Path,
-                 read: Callable[[Node], Path]):
+                 read: Callable[[Node], Path], plugins: Any = None):
         self.suite, self.component, self.backend, self.backend_fp = suite, component, backend, backend_fp
+        self.plugins = plugins  # the run's plugin manager: components find models by role through it
         self.prompts, self.device, self.dtype, self.progress = prompts, device, dtype, progress
         self.shared, self.workdir, self.read = shared, workdir, read
 
@@ -82,7 +83,7 @@ class StageBuilder:
             generator=torch.Generator().manual_seed(derive_seed(seed, *stage)),
             backend=self.backend, identity=identity.data if identity else None, prompts=deepcopy(self.prompts),
             shared=SharedStages(self.shared), threat=threat, workdir=self.workdir,
-            progress=partial(self.progress),
+            progress=partial(self.progress), plugins=self.plugins,
         )
 
     def _threat(self, cell: Cell) -> Threat | None:

@@ -15,7 +15,7 @@ from benchbase.store import Store
 
 
 def tiny_backend(resolution: int = 64, preset: str = "tiny", seed: int = 0, prediction_type: str = "epsilon"):
-    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
 
     return TinyBackend(resolution=resolution, preset=preset, seed=seed, prediction_type=prediction_type)
 
@@ -59,6 +59,7 @@ class PretrainedTiny:
         self._base = tiny_backend(**tiny_params)
         self._steps, self._prompt = steps, prompt
         self.name, self.version, self.params = "tiny-denoiser", "test", self._base.params
+        self.default_models = self._base.default_models
 
     def fingerprint(self) -> str:
         return f"{self._base.fingerprint()}-denoiser{self._steps}"

@@ -156,12 +156,18 @@ def test_face_models_carry_honest_names():
     retina-face, deepface's ResNet-34 ArcFace); insightface's SCRFD and R50 have their own names."""
     import inspect
 
-    assert faces.DETECTORS["scrfd"] is faces.SCRFDDetector and faces.EMBEDDERS["arcface-insightface"] is \
-        faces.InsightFaceArcFaceEmbedder
+    from benchbase.plugins import PluginManager
+
+    pm = PluginManager()
+    detectors = {n: e.load() for n, e in pm.models("face-detector").items()}
+    embedders = {n: e.load() for n, e in pm.models("face-embedder").items()}
+    assert detectors["scrfd"] is faces.SCRFDDetector and detectors["retinaface"] is faces.RetinaFaceDetector
+    assert embedders["arcface-insightface"] is faces.InsightFaceArcFaceEmbedder
+    assert embedders["arcface"] is faces.ArcFaceEmbedder
     assert inspect.signature(faces.RetinaFaceDetector).parameters["threshold"].default == 0.9
     assert inspect.signature(faces.SCRFDDetector).parameters["threshold"].default == 0.5
     assert "retinaface.pth" in (faces.RetinaFaceDetector.available() or "retinaface.pth")
-    for cls in (*faces.DETECTORS.values(), *faces.EMBEDDERS.values()):
+    for cls in (*detectors.values(), *embedders.values()):
         assert not re.search(r"\bports?\b", (cls.__doc__ or "").lower()), cls  # a different model is not a port
 
 
@@ -195,8 +201,7 @@ def test_adb_face_models_run_on_random_weights(astronaut, ctx, tmp_path, monkeyp
     torch.manual_seed(0)
     torch.save(retinaface_pth_model.RetinaFace().state_dict(), weights / "retinaface.pth")
     torch.save(ArcFace.base_model().state_dict(), weights / "arcface_weights.pth")
-    faces._cached_detector.cache_clear()
-    faces._cached_embedder.cache_clear()
+    faces._cached.cache_clear()
     value = face_metrics.FaceDetectionFailureRate(detector="retinaface").score(
         MetricInputs(generated={"p": astronaut.set_B[:1]}), ctx)
     assert 0.0 <= value.value <= 1.0 and "threshold 0.9" in value.details["detector_model"]
@@ -204,8 +209,7 @@ def test_adb_face_models_run_on_random_weights(astronaut, ctx, tmp_path, monkeyp
     img = (astronaut.set_B[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     e = embedder.embed(img, faces.Face((8, 8, 56, 60), 0.99, np.array([[22, 28], [42, 30], [32, 40], [24, 50], [40, 51]])))
     assert e.shape == (512,) and np.isfinite(e).all()
-    faces._cached_detector.cache_clear()
-    faces._cached_embedder.cache_clear()
+    faces._cached.cache_clear()
 
 
 def test_serfiq_normalisation():

@@ -91,7 +91,7 @@ def test_shipped_weights_and_model_card():
 
 
 def test_world_face_embedder_tells_heldout_people_apart(heldout):
-    from benchbase_plugins.metrics.faces import MiniDetector, MiniEmbedder
+    from benchbase_plugins.worlds.mini.roles import MiniDetector, MiniEmbedder
 
     names, images = heldout
     emb, det = MiniEmbedder(), MiniDetector()
@@ -107,7 +107,7 @@ def test_world_face_embedder_tells_heldout_people_apart(heldout):
 
 
 def test_world_detector_rejects_backgrounds():
-    from benchbase_plugins.metrics.faces import MiniDetector
+    from benchbase_plugins.worlds.mini.roles import MiniDetector
 
     bgs = _as_tensor([P.background(s) for s in range(50_000, 50_032)])
     assert sum(bool(f) for f in MiniDetector().detect(bgs)) <= 3
@@ -150,12 +150,12 @@ def test_upscaler_reparametrisation_is_exact(tmp_path):
 
 
 def test_mini_backend_generates_portraits_the_world_detects():
-    from benchbase_plugins.worlds.mini.backend import MiniBackend
-    from benchbase_plugins.metrics.faces import MiniDetector
     from benchbase_plugins.personalizers.dreambooth import generate_images
+    from benchbase_plugins.worlds.mini.backend import MiniBackend
+    from benchbase_plugins.worlds.mini.roles import MiniDetector
 
     backend = MiniBackend()
-    assert backend.fingerprint().startswith("mini-") and backend.face_models == "mini"
+    assert backend.fingerprint().startswith("mini-") and backend.default_models["face-detector"] == "mini"
     models = backend.load(torch.device("cpu"), torch.float32)
     images = generate_images(models, "a photo of person", 8, steps=20, guidance=7.5, seed=0)
     assert images.shape == (8, 3, 64, 64)
@@ -163,15 +163,19 @@ def test_mini_backend_generates_portraits_the_world_detects():
     assert sum(bool(f) for f in MiniDetector().detect(images)) >= 4
 
 
-def test_face_metrics_pick_the_world_models_on_the_mini_backend():
-    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+def test_auto_models_are_the_world_models_on_the_mini_backend():
+    from benchbase.plugins import PluginManager
     from benchbase_plugins.worlds.mini.backend import MiniBackend
-    from benchbase_plugins.metrics.faces import resolve
+    from benchbase_plugins.worlds.mini.roles import MiniClip, MiniDetector, MiniEmbedder
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
 
-    assert resolve("detector", "auto", MiniBackend()) == "mini"
-    assert resolve("embedder", "auto", MiniBackend()) == "mini"
-    assert resolve("detector", "auto", TinyBackend()) == "mtcnn"
-    assert resolve("embedder", "dlib", MiniBackend()) == "dlib"
+    pm, mini = PluginManager(), MiniBackend()
+    assert pm.find_model("face-detector", "auto", mini).load() is MiniDetector
+    assert pm.find_model("face-embedder", "auto", mini).load() is MiniEmbedder
+    assert pm.find_model("clip", "auto", mini).load() is MiniClip
+    assert pm.find_model("x4-upscaler", "auto", mini).name == "mini"
+    assert pm.find_model("face-detector", "auto", TinyBackend()).name == "mtcnn"  # tiny brings no face models
+    assert pm.find_model("face-embedder", "dlib", mini).name == "dlib"  # a named model is that model
 
 
 def test_default_suite_is_the_mini_world_with_a_cell_filter():

@@ -21,7 +21,7 @@ def test_tokenizer_matches_real_clip_ids(tiny):
 
 
 def test_tiny_backend_is_deterministic_and_round_trips(tiny, tmp_path):
-    from benchbase.models.tiny import build_tiny_pipeline
+    from benchbase_plugins.worlds.tiny.models import build_tiny_pipeline
 
     a = tiny.load(torch.device("cpu"), torch.float32)
     fresh = build_tiny_pipeline(seed=0)

@@ -149,13 +149,14 @@ def test_noisy_upscale_conditions_without_adding_low_res_noise(purifiers):
     assert p.added_noise_level() == 0 and p.params.noise_level == 320
 
 
-def test_tiny_clip_loads_its_checkpoint():
-    from benchbase_plugins.purifiers._tiny_models import tiny_clip_checkpoint
+def test_realign_and_clip_align_share_the_registered_tiny_clip():
+    from benchbase_plugins.metrics.clip import load_open_clip
     from benchbase_plugins.purifiers.realign import ClipAlignment
 
-    saved = torch.load(tiny_clip_checkpoint(), map_location="cpu")
-    loaded = ClipAlignment("tiny", None, torch.device("cpu")).model.state_dict()
-    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    metric_side = load_open_clip("tiny", None)[0].state_dict()
+    purifier_side = ClipAlignment("tiny", None, torch.device("cpu")).model.state_dict()
+    assert metric_side.keys() == purifier_side.keys()
+    assert all(torch.equal(metric_side[k], purifier_side[k]) for k in metric_side)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,1 +1,2 @@
-"""Model loading: the diffusers Stable Diffusion loader and the offline tiny builder."""
+"""Model loading: the diffusers Stable Diffusion loader (``sd``) and the building blocks of offline
+models (``offline``: cache folder, build-once folders, the real CLIP tokenizer)."""

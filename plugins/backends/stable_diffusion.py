@@ -1,4 +1,4 @@
-"""The ``sd`` and ``tiny`` backends. Both load through ``benchbase.models.sd.load_sd``."""
+"""The ``sd`` backend: real Stable Diffusion through ``benchbase.models.sd.load_sd``."""
 
 from __future__ import annotations
 
@@ -46,44 +46,4 @@ class StableDiffusionBackend(Backend):
         p = self.params
         return load_sd(p.model, device, dtype, p.resolution, revision=p.revision, variant=p.variant,
                        scheduler=None if p.scheduler == "default" else p.scheduler)
-
-
-class TinyBackend(Backend):
-    """Random-weight Stable-Diffusion-shaped model built offline from configs.
-
-    The numbers it produces test the machinery (stages, caching, budgets), not protection.
-    """
-
-    random_weights = True
-
-    class Params(Params):
-        preset: Literal["tiny", "small"] = "tiny"
-        seed: int = Field(0, ge=0)
-        resolution: int = Field(64, ge=8, multiple_of=8)
-        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-
-    def _config(self) -> dict:
-        from benchbase.models.tiny import tiny_config
-
-        p = self.params
-        return tiny_config(p.preset, p.seed, p.resolution, p.prediction_type)
-
-    def fingerprint(self) -> str:
-        from benchbase.models.tiny import fingerprint
-
-        return f"tiny-{fingerprint(self._config())}"
-
-    def describe(self) -> str:
-        p = self.params
-        return (f"benchbase tiny backend, preset {p.preset!r}, RANDOM weights (seed {p.seed}), "
-                f"{p.resolution} px, {p.prediction_type}")
-
-    def folder(self) -> Path:
-        from benchbase.models.tiny import ensure_tiny_folder
-
-        p = self.params
-        return ensure_tiny_folder(p.preset, p.seed, p.resolution, p.prediction_type)
-
-    def load(self, device: torch.device, dtype: torch.dtype) -> SDModels:
-        return load_sd(str(self.folder()), device, dtype, self.params.resolution)
 

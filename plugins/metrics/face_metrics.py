@@ -29,26 +29,29 @@ class FaceDetectionFailureRate(Metric):
     Anti-DreamBooth detects with RetinaFace-R50 at threshold 0.9 (``detector = "retinaface"``,
     the ``retina-face`` package); ``"scrfd"`` is insightface's SCRFD-10GF at 0.5, a different
     detector. ``detector = "auto"`` (default) is MTCNN (facenet-pytorch, weights in the wheel),
-    or the world's own detector on a backend that brings one (``mini``). ``details`` name the
-    detector, its model and threshold (``detector_model``), which the leaderboard header
-    prints. ``details.face_det_score`` is the soft form (MetaCloak): mean confidence of the
+    or the world's own detector on a backend that brings one (its ``default_models``).
+    ``details`` name the detector, its model and threshold (``detector_model``), which the
+    leaderboard header prints. ``details.face_det_score`` is the soft form (MetaCloak): mean confidence of the
     best face, 0 when none.
     """
 
     direction: ClassVar[str] = "higher"
     reads: ClassVar[tuple[str, ...]] = ("generated",)
 
+    model_roles: ClassVar[dict[str, str]] = {"detector": "face-detector"}
+
     class Params(Params):
-        detector: Literal["auto", "mtcnn", "retinaface", "scrfd", "mini"] = "auto"
+        detector: str = "auto"  # a face-detector model (`benchbase ls models`): mtcnn, retinaface...
         of: Literal["generated", "protected", "purified", "clean"] = "generated"
 
     def available(self) -> str | None:
         return faces.auto_available("detector", self.params.detector)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        name = faces.resolve("detector", self.params.detector, ctx.backend)
-        check(lambda: faces.detector_available(name))
-        detector = faces.get_detector(name, device=str(ctx.device))
+        model = ctx.find_model("face-detector", self.params.detector)
+        name = model.name
+        check(lambda: faces.detector_available(model))
+        detector = faces.get_detector(model, device=str(ctx.device))
         groups = image_groups(inputs, self.params.of)
         failures, confidences = {}, []
         for group, images in groups.items():
@@ -98,16 +101,18 @@ class IdentityScoreMatching(Metric):
     embedder is ArcFace; the offline default is dlib's 128-d ResNet, whose numbers are on
     another scale.
     ``"auto"`` detector/embedder (default): MTCNN + dlib, or the world's own models on a
-    backend that brings them (``mini``).
+    backend that brings them (its ``default_models``).
     """
 
     direction: ClassVar[str] = "lower"
     reads: ClassVar[tuple[str, ...]] = ("generated", "references", "clean", "set_A")
     always_reads: ClassVar[tuple[str, ...]] = ("references", "clean", "set_A")
 
+    model_roles: ClassVar[dict[str, str]] = {"detector": "face-detector", "embedder": "face-embedder"}
+
     class Params(Params):
-        detector: Literal["auto", "mtcnn", "retinaface", "scrfd", "mini"] = "auto"
-        embedder: Literal["auto", "dlib", "arcface", "arcface-insightface", "facenet-vggface2", "mini"] = "auto"
+        detector: str = "auto"  # a face-detector model (`benchbase ls models`)
+        embedder: str = "auto"  # a face-embedder model: dlib, arcface, facenet-vggface2...
         reference: Literal["set_C", "adb"] = "set_C"
         no_face: Literal["drop", "whole-image"] = "drop"
         of: Literal["generated", "protected", "purified"] = "generated"
@@ -127,11 +132,12 @@ class IdentityScoreMatching(Metric):
         return refs
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        det_name = faces.resolve("detector", self.params.detector, ctx.backend)
-        emb_name = faces.resolve("embedder", self.params.embedder, ctx.backend)
-        check(lambda: faces.detector_available(det_name) or faces.embedder_available(emb_name))
-        detector = faces.get_detector(det_name, device=str(ctx.device))
-        embedder = faces.get_embedder(emb_name)
+        det = ctx.find_model("face-detector", self.params.detector)
+        emb = ctx.find_model("face-embedder", self.params.embedder)
+        det_name, emb_name = det.name, emb.name
+        check(lambda: faces.detector_available(det) or faces.embedder_available(emb))
+        detector = faces.get_detector(det, device=str(ctx.device))
+        embedder = faces.get_embedder(emb)
         no_face = self.params.no_face
         refs, _ = _largest_face_embeddings(self._references(inputs), detector, embedder, no_face)
         ref_embs = [e for e in refs if e is not None]
@@ -190,7 +196,7 @@ class SERFIQ(Metric):
         of: Literal["generated", "protected", "purified", "clean"] = "generated"
 
     def available(self) -> str | None:
-        cls = faces.EMBEDDERS[self.params.embedder]
+        cls = faces.model_class("embedder", self.params.embedder)
         if not cls.has_dropout:  # pragma: no cover - the Literal only allows dropout embedders
             return f"unavailable: SER-FIQ — embedder {self.params.embedder!r} has no dropout layer"
         return faces.detector_available("mtcnn") or cls.available(self.params.weights)

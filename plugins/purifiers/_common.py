@@ -48,6 +48,11 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
+def as_given(name: str) -> str:
+    """A model role's folder for a name that is itself a local folder or a hub id."""
+    return name
+
+
 def load_pretrained(what: str, model: str, loader: Callable[[str, bool], object], hint: str = ""):
     """Load ``model`` (a local folder or a hub id) with ``loader(path, local_files_only)``;
     turn any failure to find the files into one WeightsUnavailableError sentence."""

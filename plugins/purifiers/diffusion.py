@@ -11,7 +11,7 @@ output and back-propagates exactly through the encoder/decoder (or resizes) and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -126,21 +126,35 @@ PIXEL_MODEL = "imagenet-256-uncond"
 CELEBAHQ_MODEL = "google/ddpm-ema-celebahq-256"
 
 
-def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_denoised: bool = True):
+def imagenet_checkpoint(name: str) -> str:
+    """The ``pixel-diffusion`` role's ``imagenet-256-uncond``: where guided-diffusion's checkpoint is."""
+    from . import _guided_diffusion as gd
+
+    return str(gd.default_checkpoint())
+
+
+def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_denoised: bool = True,
+                     ctx: Context | None = None):
     """An unconditional pixel model: (UNet2DModel, DDPMScheduler, description).
 
-    ``"imagenet-256-uncond"`` (default) or a path to a ``.pt`` file: guided-diffusion's ImageNet
-    checkpoint (``$TORCH_HOME/hub/guided-diffusion/256x256_diffusion_uncond.pt`` by default),
-    converted to diffusers (``_guided_diffusion.py``), learned-range variance. Otherwise a
-    DDPMPipeline-style folder/hub id (model_index.json, unet/, scheduler/) or a bare
-    UNet2DModel folder with its scheduler config. ``"tiny"``/``"tiny-adm"`` are offline stand-ins
-    (the latter with guided-diffusion's architecture and learned variance)."""
+    ``model`` is a ``pixel-diffusion`` model (``benchbase ls models``; ``"auto"``: the backend's
+    default). ``"imagenet-256-uncond"`` (default) or a path to a ``.pt`` file: guided-diffusion's
+    ImageNet checkpoint (``$TORCH_HOME/hub/guided-diffusion/256x256_diffusion_uncond.pt`` by
+    default), converted to diffusers (``_guided_diffusion.py``), learned-range variance.
+    Otherwise a DDPMPipeline-style folder/hub id (model_index.json, unet/, scheduler/) or a bare
+    UNet2DModel folder with its scheduler config, or what a plugin registers (the tiny world's
+    random stand-ins ``tiny`` and ``tiny-adm``, the latter with guided-diffusion's architecture
+    and learned variance)."""
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from benchbase.plugins import find_model
 
     from . import _guided_diffusion as gd
 
-    if model == PIXEL_MODEL or model.endswith(".pt"):
-        path = gd.default_checkpoint() if model == PIXEL_MODEL else Path(model).expanduser()
+    entry = find_model("pixel-diffusion", model, ctx)
+    model = entry.load()(entry.name)  # a local folder or file, or a hub id
+    if model.endswith(".pt"):
+        path = Path(model).expanduser()
         if not path.is_file():
             raise WeightsUnavailableError(
                 f"unavailable: guided-diffusion's ImageNet 256x256 unconditional model — put {gd.IMAGENET_FILE} "
@@ -150,11 +164,7 @@ def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_
         scheduler = gd.scheduler(clip_denoised)
         description = f"guided-diffusion 256x256_diffusion_uncond (ImageNet) from {path.name}"
     else:
-        description = model
-        if model in ("tiny", "tiny-adm"):
-            from ._tiny_models import tiny_adm_model_folder, tiny_pixel_model_folder
-
-            model = str(tiny_pixel_model_folder() if model == "tiny" else tiny_adm_model_folder())
+        description = entry.name
 
         def load(path: str, local_only: bool):
             with quiet_diffusers():
@@ -167,7 +177,7 @@ def load_pixel_model(model: str, device: torch.device, dtype: torch.dtype, clip_
 
         unet, scheduler = load_pretrained(
             "unconditional pixel diffusion model", model, load,
-            hint=' (or `model = "tiny"` for the offline stand-in)')
+            hint=" (`benchbase ls models` lists the registered ones)")
         # ancestral sampling as guided-diffusion's p_sample; clip_denoised clips the x0 estimate
         scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=clip_denoised)
     unet = unet.to(device, dtype).requires_grad_(False).eval()
@@ -213,6 +223,8 @@ def pixel_purify(unet, scheduler, x01: torch.Tensor, t: int, ctx: Context, track
 
 
 class _PixelPurifier(Purifier):
+    model_roles: ClassVar[dict[str, str]] = {"model": "pixel-diffusion"}
+
     class Params(Params):
         model: str = PIXEL_MODEL
         t: int = Field(100, ge=0, le=1000)
@@ -234,7 +246,7 @@ class _PixelPurifier(Purifier):
     def model(self, ctx: Context):
         key = (self.params.model, str(ctx.device), ctx.dtype, self.params.clip_denoised)
         if self._model_key != key:
-            self._model = load_pixel_model(self.params.model, ctx.device, ctx.dtype, self.params.clip_denoised)
+            self._model = load_pixel_model(self.params.model, ctx.device, ctx.dtype, self.params.clip_denoised, ctx)
             self._model_key = key
         return self._model
 

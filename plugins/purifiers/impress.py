@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +16,8 @@ from ._common import load_pretrained, quiet_diffusers, randn
 
 
 def load_lpips(kind: str, device: torch.device):
-    """LPIPS distance on [-1,1] inputs. ``"vgg"``: LPIPS-VGG v0.1 (the ``lpips`` package if
-    installed, else pyiqa's implementation); ``"tiny"``: the offline random-weight stand-in."""
-    if kind == "tiny":
-        from ._tiny_models import TinyLPIPS
-
-        return TinyLPIPS().to(device)
+    """The ``lpips`` role's ``vgg`` / ``alex``: LPIPS-VGG (-AlexNet) v0.1 distance on [-1,1] inputs
+    (the ``lpips`` package if installed, else pyiqa's implementation)."""
     try:
         import lpips  # type: ignore
 
@@ -36,16 +32,16 @@ def load_lpips(kind: str, device: torch.device):
         except ImportError:
             raise WeightsUnavailableError(
                 f"LPIPS-{kind.upper()} needs the `lpips` or `pyiqa` package; install one of them "
-                '(or set `lpips = "tiny"` for the offline stand-in).') from None
+                '(or an offline stand-in: `benchbase ls models`).') from None
         except Exception as exc:  # noqa: BLE001  (offline weight downloads fail)
             raise WeightsUnavailableError(
                 f"LPIPS-{kind.upper()} weights are not available ({type(exc).__name__}): run once with internet "
                 "access so torchvision's VGG16 and the LPIPS linear layers are cached under ~/.cache "
-                '(or set `lpips = "tiny"` for the offline stand-in).') from None
+                '(or an offline stand-in: `benchbase ls models`).') from None
     except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
         raise WeightsUnavailableError(
             f"LPIPS-{kind.upper()} weights are not available ({type(exc).__name__}): run once with internet access "
-            'so torchvision\'s VGG16 weights are cached (or set `lpips = "tiny"` for the offline stand-in).') from None
+            'so torchvision\'s VGG16 weights are cached (or an offline stand-in: `benchbase ls models`).') from None
     net = net.to(device).eval().requires_grad_(False)
 
     class _Wrap(torch.nn.Module):
@@ -83,7 +79,11 @@ class IMPRESS(Purifier):
     ``vae``: ``"backend"`` (default) uses the backend's VAE (SD-2.1-base in the protocol, the
     VAE the reference uses), or a diffusers folder / hub id holding a ``vae/`` subfolder.
     The reference truncates to uint8 on save; the core rounds.
+    ``lpips``: a registered ``lpips`` model (``vgg``, the reference's; ``alex``; stand-ins:
+    ``benchbase ls models``; ``"auto"``: the backend's default).
     """
+
+    model_roles: ClassVar[dict[str, str]] = {"lpips": "lpips"}
 
     class Params(Params):
         iterations: int = Field(3000, ge=1)
@@ -93,7 +93,7 @@ class IMPRESS(Purifier):
         weight: float = Field(0.1, ge=0, description="α (pur_alpha): weight of the LPIPS hinge")
         init_noise: float = Field(0.1, ge=0)
         vae: str = "backend"
-        lpips: Literal["vgg", "alex", "tiny"] = "vgg"
+        lpips: str = "vgg"
         precision: Literal["float16", "float32"] = "float16"
         batch_size: int = Field(1, ge=1, description="images optimised together (the reference: one)")
 
@@ -114,7 +114,8 @@ class IMPRESS(Purifier):
         p = self.params
         dtype = torch.float16 if p.precision == "float16" else torch.float32
         vae = self._vae(ctx, dtype)
-        lpips = load_lpips(p.lpips, ctx.device)
+        model = ctx.find_model("lpips", p.lpips)
+        lpips = model.load()(model.name, ctx.device)
         # all the noise is drawn up front, so each image gets the same noise whatever the batching
         noise = randn(images.shape, ctx) * p.init_noise
         outs, losses = [], []

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -245,42 +245,25 @@ register_face_restorer("gfpgan", GFPGANRestorer)
 class ClipAlignment:
     """cos(f_I(x), f_T(prompt)) with an open_clip model and its own preprocessing (in torch)."""
 
-    def __init__(self, model: str, pretrained: str | None, device: torch.device):
+    def __init__(self, model: str, pretrained: str | None, device: torch.device, ctx: Context | None = None):
         import open_clip
 
-        if model == "tiny":
-            from ._tiny_models import (
-                TINY_CLIP_NAME,
-                register_tiny_clip,
-                tiny_clip_checkpoint,
-            )
+        from benchbase.plugins import find_model
 
-            register_tiny_clip()
-            model, pretrained = TINY_CLIP_NAME, str(tiny_clip_checkpoint())
-        if model == "mini":  # the benchbase-mini world's CLIP (weights ship with benchbase)
-            from benchbase_plugins.worlds.mini.models import CLIP_NAME, load_clip
-
-            self.model, pretrained = load_clip()[0], "benchbase-mini"
-            model = CLIP_NAME
-        else:
-            self.model = None
-        try:
-            if self.model is None:
-                self.model = open_clip.create_model(model, pretrained=pretrained or None)
-        except Exception as exc:  # noqa: BLE001  (third-party loaders raise anything)
-            raise WeightsUnavailableError(
-                f"open_clip {model} weights {pretrained!r} are not available ({type(exc).__name__}): download them "
-                "on a machine with internet access and set `clip_pretrained` to the local checkpoint file "
-                '(or `clip_model = "tiny"` for the offline stand-in).') from None
+        entry = find_model("clip", model, ctx)  # an open_clip architecture or a registered CLIP
+        provider = entry.load()
+        message = provider.available(entry.name, pretrained)
+        if message:
+            raise WeightsUnavailableError(f"{message} (realign's `clip_model` / `clip_pretrained`)")
+        self.model, _, self.tokenizer = provider.load(entry.name, pretrained)
         self.model = self.model.to(device).eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(model)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg.get("size", 224)
         self.size = size[0] if isinstance(size, (list, tuple)) else int(size)
         self.mean = torch.tensor(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.get("std", open_clip.OPENAI_DATASET_STD), device=device).view(1, 3, 1, 1)
         self.device = device
-        self.name = f"{model}/{pretrained}"
+        self.name = f"{entry.name}/{pretrained}" if pretrained else entry.name
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
@@ -312,6 +295,7 @@ class Realign(Purifier):
     ``low_res`` is stated at 512 px and scales with the image side.
     """
 
+    model_roles: ClassVar[dict[str, str]] = {"model": "x4-upscaler", "clip_model": "clip"}
     # per-image alignment before vs after, against the clean range it aims for (ctx.info["realign"])
     report_figures = (FigureSpec("realign: per-image CLIP alignment", kind="scatter", source="purify-info",
                                  x="realign.alignment_before", y="realign.alignment_after",
@@ -423,7 +407,7 @@ class Realign(Purifier):
 
     def aligner(self, ctx: Context) -> ClipAlignment:
         if self._clip is None:
-            self._clip = ClipAlignment(self.params.clip_model, self.params.clip_pretrained, ctx.device)
+            self._clip = ClipAlignment(self.params.clip_model, self.params.clip_pretrained, ctx.device, ctx)
         return self._clip
 
     def prompt_for_alignment(self, ctx: Context) -> str:

@@ -10,7 +10,7 @@ which otherwise needs a diffusers fork), and the last steps may keep a gradient.
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,24 +32,21 @@ from ._common import (
 UPSCALER = "stabilityai/stable-diffusion-x4-upscaler"
 
 
-def load_upscaler(model: str, device: torch.device, dtype: torch.dtype):
-    """The x4 upscaler pipeline from a local folder or hub id; ``"tiny"`` is the offline stand-in."""
+def load_upscaler(model: str, device: torch.device, dtype: torch.dtype, ctx: Context | None = None):
+    """The x4 upscaler pipeline of the ``x4-upscaler`` model ``model``: a local folder, a hub id,
+    or a model a plugin registers (``benchbase ls models``; ``"auto"``: the backend's default)."""
     from diffusers import StableDiffusionUpscalePipeline
 
-    if model == "tiny":
-        from ._tiny_models import tiny_upscaler_folder
+    from benchbase.plugins import find_model
 
-        model = str(tiny_upscaler_folder())
-    elif model == "mini":  # the benchbase-mini world's trained x4 upscaler (16 px -> 64 px)
-        from benchbase_plugins.worlds.mini.models import ensure_folder
-
-        model = str(ensure_folder("upscaler"))
+    entry = find_model("x4-upscaler", model, ctx)
+    model = entry.load()(entry.name)
 
     def load(path: str, local_only: bool):
         with quiet_diffusers():
             return StableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype, local_files_only=local_only)
 
-    pipe = load_pretrained("SD x4 upscaler", model, load, hint=' (or `model = "tiny"` for the offline stand-in)')
+    pipe = load_pretrained("SD x4 upscaler", model, load, hint=" (`benchbase ls models` lists the registered ones)")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -114,6 +111,7 @@ def pil_resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class _Upscaler(Purifier):
+    model_roles: ClassVar[dict[str, str]] = {"model": "x4-upscaler"}
     """Shared machinery: optional bottleneck, the x4 upscaler, resize back to the input size."""
 
     class Params(Params):
@@ -138,7 +136,7 @@ class _Upscaler(Purifier):
     def pipeline(self, ctx: Context):
         key = (self.params.model, str(ctx.device), ctx.dtype)
         if self._pipe_key != key:  # loading the upscaler is slow; keep it for the next batch
-            self._pipe, self._pipe_key = load_upscaler(self.params.model, ctx.device, ctx.dtype), key
+            self._pipe, self._pipe_key = load_upscaler(self.params.model, ctx.device, ctx.dtype, ctx), key
         return self._pipe
 
     def low_res_side(self, side: int) -> int | None:
@@ -189,7 +187,7 @@ class SuperResolution(_Upscaler):
     upscaler (``stabilityai/stable-diffusion-x4-upscaler``) with prompt "A photo of a person",
     75 steps, guidance 9, noise_level 20, its shipped scheduler; 512 px out. Seeded from
     ``ctx.generator`` (the reference is unseeded). ``low_res`` is stated at 512 px and scales
-    with the image side; ``model = "tiny"`` uses the offline stand-in."""
+    with the image side; ``model`` takes a registered ``x4-upscaler`` (``benchbase ls models``)."""
 
 
 class NoisyUpscale(_Upscaler):

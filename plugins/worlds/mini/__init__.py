@@ -1,6 +1,50 @@
-"""benchbase-mini: a trained miniature Stable-Diffusion world (docs/mini.md).
+"""benchbase-mini: a trained miniature Stable-Diffusion world (docs/mini.md), one plugin.
 
 ``portraits`` (procedural identities), ``models`` (architectures, shipped weights, diffusers
 folders built from them), ``train`` (``benchbase train-mini``), ``backend`` and ``dataset``
-(the ``mini`` backend and dataset); ``weights/`` holds the shipped weights and model card.
+(the ``mini`` backend and dataset), ``roles`` (its face detector, face embedder, CLIP and x4
+upscaler in the shape each role asks for); ``weights/`` holds the shipped weights and model card.
+Everything is registered below; nothing outside this package names the world.
 """
+
+from benchbase.hookspecs import hookimpl
+
+_W = "benchbase_plugins.worlds.mini"
+
+
+@hookimpl
+def register_backends(register):
+    register("mini", f"{_W}.backend:MiniBackend", version="1",
+             description="benchbase-mini: trained 64-px miniature SD world shipped with benchbase (CPU, minutes)")
+
+
+@hookimpl
+def register_datasets(register):
+    register("mini", f"{_W}.dataset:MiniDataset", version="1",
+             description="held-out procedural identities of the benchbase-mini world (pairs with the mini backend)")
+
+
+@hookimpl
+def register_models(register):
+    register("face-detector", "mini", f"{_W}.roles:MiniDetector",
+             description="the mini world's portrait detector (its RetinaFace), 64 px")
+    register("face-embedder", "mini", f"{_W}.roles:MiniEmbedder",
+             description="the mini world's identity embedder (its ArcFace), 128-d")
+    register("clip", "mini", f"{_W}.roles:MiniClip",
+             description="the mini world's open_clip CLIP, trained on its portraits and captions")
+    register("x4-upscaler", "mini", f"{_W}.roles:upscaler_folder",
+             description="the mini world's x4 upscaler (16 px -> 64 px)")
+
+
+@hookimpl
+def register_commands(cli):
+    import click
+
+    @cli.command("train-mini", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                                  "help_option_names": []})
+    @click.pass_context
+    def train_mini(ctx):
+        """Retrain the mini world's models (about an hour on 2 CPU cores; train-mini --help)."""
+        from .train import main
+
+        raise SystemExit(main(list(ctx.args)))

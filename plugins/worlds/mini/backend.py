@@ -16,11 +16,12 @@ class MiniBackend(Backend):
     """benchbase-mini: a trained miniature Stable Diffusion (64 px, x4 VAE, 16×16 latents)
     whose weights ship with benchbase (``benchbase_plugins.worlds.mini``; ``benchbase train-mini``
     rebuilds them). Trained on procedural portraits of ``train-*`` identities; the ``mini`` dataset's
-    held-out identities were never seen. Face metrics with ``"auto"`` models use the world's
-    own face detector and embedder on this backend.
+    held-out identities were never seen. Metrics and purifiers asking for an ``"auto"`` model
+    get the world's own (``default_models``: face detector, face embedder, CLIP, x4 upscaler).
     """
 
-    face_models: ClassVar[str | None] = "mini"
+    default_models: ClassVar[dict[str, str]] = {
+        "face-detector": "mini", "face-embedder": "mini", "clip": "mini", "x4-upscaler": "mini"}
 
     class Params(Params):
         resolution: Literal[64] = 64

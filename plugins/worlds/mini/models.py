@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchbase.models.tiny import VOCAB_SIZE, build_clip_tokenizer, build_folder_once, cache_root
+from benchbase.models.offline import VOCAB_SIZE, build_clip_tokenizer, build_folder_once, cache_root
 
 MINI_FORMAT = 1  # bump when the folder layout built from the weights changes
 TEXT_HIDDEN = 64

@@ -537,7 +537,7 @@ def write_model_card(out: Path, info: dict) -> None:
         "# benchbase-mini model card",
         "",
         "A miniature Stable-Diffusion world trained from scratch on procedural 64×64 portraits",
-        "(`benchbase/mini/portraits.py`). Written by `benchbase train-mini`; reproduce with",
+        "(`plugins/worlds/mini/portraits.py`). Written by `benchbase train-mini`; reproduce with",
         "",
         "```",
         "benchbase train-mini --out DIR        # about an hour on 2 CPU cores; resumable",

@@ -1,4 +1,4 @@
-"""Offline random-weight stand-ins for the purifiers' models (tests and smoke runs).
+"""Offline random-weight stand-ins for the models metrics and purifiers ask for (tests, smoke runs).
 
 - a tiny x4 upscaler (``StableDiffusionUpscalePipeline`` with the real pipeline's structure:
   4-channel latents at the low-res size, a 7-channel UNet conditioned on the noise level
@@ -8,8 +8,10 @@
 - a tiny open_clip model registered with ``open_clip.add_model_config``;
 - a tiny LPIPS-shaped perceptual distance (random conv features, LPIPS's normalisation).
 
-Each is built deterministically from a seed, saved once as a folder under
-``$BENCHBASE_CACHE/tiny/`` and loaded back through the same loader real weights take.
+Each is built deterministically from a seed; the diffusers models are saved once as a folder
+under ``$BENCHBASE_CACHE/tiny/`` and loaded back through the same loader real weights take.
+The tiny world registers them under the name ``tiny`` for the roles ``x4-upscaler``,
+``pixel-diffusion``, ``clip`` and ``lpips`` (the functions at the end, in each role's shape).
 Random weights: outputs test the code paths, not purification quality.
 """
 
@@ -21,11 +23,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from benchbase.models.tiny import build_clip_tokenizer, build_folder_once, cache_root
+from benchbase.models.offline import build_clip_tokenizer, build_folder_once, cache_root
 
 TINY_PURIFIER_FORMAT = 1  # bump when a construction below changes (invalidates cached folders)
 
@@ -123,7 +126,7 @@ def build_tiny_adm_model(folder: Path) -> None:
     guided-diffusion's schedule and learned-range variance."""
     from diffusers import DDPMPipeline, UNet2DModel
 
-    from ._guided_diffusion import scheduler, unet_config
+    from benchbase_plugins.purifiers._guided_diffusion import scheduler, unet_config
 
     config = unet_config(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_ds=(2,),
                          num_head_channels=16, learn_sigma=True, image_size=32)
@@ -140,7 +143,7 @@ def tiny_adm_model_folder(seed: int = 0) -> Path:
 # ---------------------------------------------------------------------------------------
 
 TINY_CLIP_NAME = "benchbase-tiny-clip"
-TINY_CLIP_CONFIG = {  # offline-stack.md §5
+TINY_CLIP_CONFIG = {  # 64-d embedding, 64-px input, two-layer towers, open_clip's BPE
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
@@ -163,18 +166,17 @@ def register_tiny_clip() -> None:
     open_clip.add_model_config(path)
 
 
-def tiny_clip_checkpoint(seed: int = 0) -> Path:
-    """A state-dict file of the tiny open_clip model (loaded with ``pretrained=<file>``)."""
+@lru_cache(maxsize=2)
+def build_tiny_clip(seed: int = 0):
+    """(model, preprocess, tokenizer) of the tiny open_clip model with seeded random weights
+    (the global RNG is left untouched)."""
     import open_clip
 
     register_tiny_clip()
-
-    def build(folder: Path) -> None:
-        model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
-        torch.save(model.state_dict(), folder / "open_clip_model.pt")
-
     with _fork_rng():
-        return _ensure_folder("open-clip", seed, build) / "open_clip_model.pt"
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer(TINY_CLIP_NAME)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,3 +210,40 @@ class TinyLPIPS(torch.nn.Module):
             nb = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
             total = total + ((na - nb).pow(2) * lin.view(1, -1, 1, 1)).sum(1).mean((1, 2))
         return total
+
+
+# ---------------------------------------------------------------------------------------
+# the roles' shapes (benchbase.roles), as the tiny world registers them
+# ---------------------------------------------------------------------------------------
+
+
+def upscaler_folder(name: str) -> str:
+    """``x4-upscaler``: the tiny upscaler's folder."""
+    return str(tiny_upscaler_folder())
+
+
+def pixel_model_folder(name: str) -> str:
+    """``pixel-diffusion``: the tiny pixel model's folder."""
+    return str(tiny_pixel_model_folder())
+
+
+def adm_model_folder(name: str) -> str:
+    """``pixel-diffusion``: the tiny guided-diffusion-architecture model's folder."""
+    return str(tiny_adm_model_folder())
+
+
+def load_lpips(name: str, device: torch.device) -> TinyLPIPS:
+    """``lpips``: the tiny LPIPS-shaped distance."""
+    return TinyLPIPS().to(device)
+
+
+class TinyClip:
+    """``clip``: the tiny open_clip model (``pretrained`` is ignored: the weights are seeded)."""
+
+    @staticmethod
+    def available(name: str, pretrained: str | None) -> str | None:
+        return None
+
+    @staticmethod
+    def load(name: str, pretrained: str | None):
+        return build_tiny_clip()
