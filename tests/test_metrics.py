@@ -28,7 +28,7 @@ from benchbase.errors import WeightsUnavailableError
 from benchbase.testing import make_context, sample_identity
 
 EXPECTED = {"fdfr", "ism", "ser-fiq", "brisque", "liqe", "clip-iqa", "clip-align", "psnr", "ssim", "lpips",
-            "linf", "fid", "ref-rmse"}
+            "linf", "fid", "ref-rmse", "latent-shift"}
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +368,30 @@ def test_real_identity_faces_found():
     assert fdfr.value <= 0.25
     ism = face_metrics.IdentityScoreMatching().score(MetricInputs(generated={"p": clean}, references=refs), ctx)
     assert ism.value > 0.9
+
+
+def test_latent_shift_separates_an_encoder_attack_from_noise(astronaut):
+    """An L∞ sign-gradient ascent on the encoder's mean (an independent few-line PGD) moves the
+    latent far more than uniform noise of the same budget; an unchanged image moves it by 0."""
+    from benchbase.images import quantize_to_budget
+    from benchbase.testing import tiny_backend
+
+    backend = tiny_backend()
+    ctx = make_context(backend=backend, identity=astronaut, seed=0)
+    clean, eps = astronaut.set_B, 8 / 255
+    vae = ctx.models().vae
+    with torch.no_grad():
+        mu0 = vae.encode(clean * 2 - 1).latent_dist.mean
+    # from a random start: the norm's gradient at δ = 0 is zero
+    delta = ((torch.rand(clean.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * eps).requires_grad_()
+    for _ in range(10):
+        (g,) = torch.autograd.grad((vae.encode((clean + delta) * 2 - 1).latent_dist.mean - mu0).norm(), delta)
+        with torch.no_grad():
+            delta += 2 / 255 * g.sign()
+            delta.clamp_(-eps, eps)
+    attacked = quantize_to_budget((clean + delta.detach()).clamp(0, 1), clean, 8)
+    v = fidelity.LatentShift().score(MetricInputs(clean=clean, protected=attacked), ctx)
+    assert v.details["linf_levels"] == 8 and v.count == 4
+    assert v.value > 2 * v.details["noise_shift"] > 0 and v.details["ratio_to_noise"] > 2
+    same = fidelity.LatentShift().score(MetricInputs(clean=clean, protected=clean.clone()), ctx)
+    assert same.value == 0 and same.details["noise_shift"] == 0

@@ -32,6 +32,9 @@ def register_metrics(register):
              description="LPIPS (AlexNet) of the protected (or purified) set_B against clean (needs weights)")
     register("linf", f"{_M}.fidelity:LInf", version="1",
              description="measured L-inf distance (levels) of the protected (or purified) set_B to clean")
+    register("latent-shift", f"{_M}.fidelity:LatentShift", version="1",
+             description="relative shift of the VAE posterior mean caused by the protection, beside uniform "
+                         "noise of the same L-inf budget (a diagnostic of latent-space attacks)")
     register("fid", f"{_M}.distribution:FID", version="1",
              description="FID (KID in details) of generated images against set_C (needs Inception weights)")
     register("ref-rmse", f"{_M}.fidelity:ReferenceRMSE", version="1",

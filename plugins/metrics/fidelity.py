@@ -127,6 +127,40 @@ class LInf(_Fidelity):
                                     "mean_linf_levels": float(per_image.mean()), "l2_levels": float(l2.mean())})
 
 
+class LatentShift(_Fidelity):
+    """Relative shift of the autoencoder's posterior mean that the perturbation causes,
+    ‖μ(x′) − μ(x)‖₂ / ‖μ(x)‖₂ per image (x′ = ``of``, x = clean set_B, μ = the backend's VAE
+    encoder mean), beside the same ratio for uniform noise of the same measured L∞ budget,
+    rounded to 8 bits like a PNG (``details.noise_shift``, ``details.ratio_to_noise``).
+
+    A diagnostic, not a protection score: latent-space protections (ASPL, PhotoGuard's encoder
+    attack, Mist's textual loss) work through the encoder, whose amplification of small pixel
+    changes is their lever (Xue et al., "Toward effective protection against diffusion based
+    mimicry through score distillation", ICLR'24, §3). A protection whose shift is no larger
+    than noise's cannot change what the victim fine-tunes on much more than noise does.
+    Higher favours the protector for protected images.
+    """
+
+    direction: ClassVar[str] = "higher"
+
+    def score(self, inputs: MetricInputs, ctx: Context) -> MetricValue:
+        from benchbase.images import linf_levels, quantize_to_budget
+
+        other, clean = self.pair(inputs)
+        eps = linf_levels(other, clean)
+        noise = (torch.rand(clean.shape, generator=ctx.generator) * 2 - 1) * (eps / 255.0)
+        noisy = quantize_to_budget((clean + noise).clamp(0, 1), clean, eps)
+        models = ctx.models()
+        with torch.no_grad():
+            mean = lambda x: models.encode_images(x, sample=False).float().flatten(1).cpu()  # noqa: E731
+            mu0, mu, mu_noise = mean(clean), mean(other), mean(noisy)
+        norm = mu0.norm(dim=1).clamp_min(1e-12)
+        shift, noise_shift = (mu - mu0).norm(dim=1) / norm, (mu_noise - mu0).norm(dim=1) / norm
+        ratio = float(shift.mean() / noise_shift.mean()) if float(noise_shift.mean()) > 0 else float("nan")
+        return self.result(shift, of=self.params.of, linf_levels=eps, noise_shift=float(noise_shift.mean()),
+                           noise_per_image=[float(v) for v in noise_shift], ratio_to_noise=ratio)
+
+
 class LPIPS(_Fidelity):
     """LPIPS (Zhang et al., CVPR'18), AlexNet v0.1 through pyiqa, of ``of`` against the clean
     set_B; unavailable unless pyiqa's LPIPS head and torchvision's AlexNet weights are cached.
