@@ -296,7 +296,7 @@ def test_error_case(tmp_path, case):
 # -- model folders and the hub: the cells that load the model fail with one line ------------------
 
 def _tiny_copy(tmp: Path, breaks) -> Path:
-    from benchbase.models.tiny import ensure_tiny_folder
+    from benchbase_plugins.worlds.tiny.models import ensure_tiny_folder
 
     folder = tmp / "model"
     shutil.copytree(ensure_tiny_folder(), folder)
