@@ -106,7 +106,7 @@ def quantize_to_budget(
     """Quantise a perturbed batch to 8 bits so the PNG satisfies the L∞ budget exactly.
 
     ``round``: round half up, then clip the integer difference to ±floor(eps) against the
-    8-bit clean image (the suite default, algorithms.md §0.3). ``truncate``: floor, as
+    8-bit clean image (the suite default: what saving a float image as PNG does). ``truncate``: floor, as
     Mist, Diff-Protect and MetaCloak save, then the same clip. ``eps_levels=None`` skips
     the clip (attacks without a budget, e.g. ``none``).
     """

@@ -11,7 +11,7 @@ $PIP install --quiet --upgrade pip
 $PIP install --quiet "torch==2.14.1" "torchvision==0.29.1"
 $PIP install --quiet -e ".[all,dev]"
 # facenet-pytorch 2.6.0 pins torch<2.3 and numpy<2 in its metadata but works with current ones;
-# --no-deps keeps pip from downgrading (offline-stack.md §7.1). It ships MTCNN's weights.
+# --no-deps keeps pip from downgrading. It ships MTCNN's weights.
 $PIP install --quiet --no-deps "facenet-pytorch==2.6.0"
 # realign's CodeFormer: the sczhou/CodeFormer code packaged as codeformer-pip (S-Lab License,
 # non-commercial); --no-deps because its requirements list training tools (tb-nightly, lmdb, ...)

@@ -1,5 +1,5 @@
 """Training-time defenses: DiffShortcut's CDL produces exactly the documented prompts
-(shared/reference/diffshortcut.md §4) in what the personalizers actually hand the model —
+(DiffShortcut, arXiv 2406.18944) in what the personalizers actually hand the model —
 tokenised training prompts and the prompts/negative prompt of every sampler call — under
 both DreamBooth and LoRA; ``none`` changes nothing; the registry lists both defenses."""
 
@@ -169,7 +169,7 @@ def _class_image_prompts(kind, tiny, identity, tmp_path):
 
 
 def test_lora_prior_images_are_samples_of_the_plain_class_prompt(tiny, identity, tmp_path):
-    # DiffShortcut generates the class images before the suffix is added (diffshortcut.md §4)
+    # DiffShortcut generates the class images before the suffix is added (DiffShortcut's released training script)
     assert _class_image_prompts("lora", tiny, identity, tmp_path) == {"a photo of person"}
 
 

@@ -1,7 +1,7 @@
 """Contrastive Decoupling Learning (CDL), the training-time half of DiffShortcut
 (Liu et al., "Investigating and Defending Shortcut Learning in Personalized Diffusion
 Models", arXiv 2406.18944), as released in ``diffshortcut/train_dreambooth.py``
-(reference: shared/reference/diffshortcut.md §4).
+(DiffShortcut, Liu et al., arXiv 2406.18944).
 
 CDL changes prompts only; the released code adds no loss term:
 

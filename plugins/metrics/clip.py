@@ -1,5 +1,5 @@
 """CLIP-based metrics through open_clip: image–prompt alignment (DiffShortcut diagnostic,
-diffshortcut.md §5) and CLIP-IQA-C / CLIP-Face-IQA (MetaCloak's scorer, algorithms.md §4.6)."""
+DiffShortcut, arXiv 2406.18944) and CLIP-IQA-C / CLIP-Face-IQA (MetaCloak's scorer, Liu et al., CVPR'24)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ class _OpenClip:
 
 class CLIPAlignment(Metric):
     """CLIP image–prompt alignment A(x) = cos(f_I(x), f_T(p)) (suite-defined, DiffShortcut's
-    hypothesis that protections misalign image and prompt; diffshortcut.md §5).
+    hypothesis that protections misalign image and prompt; DiffShortcut, arXiv 2406.18944).
 
     ``of`` picks the images (clean, protected, purified or generated; generated is reported
     per eval prompt), ``prompt`` the caption: ``class`` (default, "a photo of person"),

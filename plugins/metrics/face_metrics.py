@@ -1,4 +1,4 @@
-"""Face metrics of generated images: FDFR, ISM (algorithms.md §4.1, §4.2) and SER-FIQ (§4.3).
+"""Face metrics of generated images: FDFR, ISM (Anti-DreamBooth, Van Le et al., ICCV'23) and SER-FIQ (Terhörst et al., CVPR'20).
 
 Detector and embedder are pluggable (``faces.py``); the defaults (MTCNN, dlib) work
 offline. Results name the detector and embedder in ``details``: numbers from different

@@ -1,4 +1,4 @@
-"""Pluggable face detectors and identity embedders for the face metrics (algorithms.md §4.1–§4.3).
+"""Pluggable face detectors and identity embedders for the face metrics (FDFR, ISM and SER-FIQ as Anti-DreamBooth, Van Le et al., ICCV'23, reports them).
 
 Two small protocols, the contracts of the ``face-detector`` and ``face-embedder`` model roles
 (``benchbase.roles``; plugins register implementations with ``register_models``):

@@ -1,4 +1,4 @@
-"""Pixel-level metrics: perturbation fidelity (algorithms.md §4.9) and a model-free score of generations.
+"""Pixel-level metrics: perturbation fidelity (PSNR, SSIM, LPIPS, L∞, latent shift) and a model-free score of generations.
 
 ``psnr``, ``ssim``, ``lpips`` and ``linf`` compare ``of`` (protected, default, or purified)
 with the clean set_B. Their direction depends on ``of``: for protected images closeness to

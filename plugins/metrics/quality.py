@@ -1,4 +1,4 @@
-"""No-reference image quality: BRISQUE (algorithms.md §4.4), LIQE (§4.5), CLIP-IQA(-C) (§4.6).
+"""No-reference image quality: BRISQUE (Mittal et al., TIP 2012), LIQE (Zhang et al., CVPR'23), CLIP-IQA(-C) (Wang et al., AAAI'23; -C: MetaCloak's variant).
 
 Only the ``brisque`` package works offline (it ships its SVM). pyiqa's learned metrics need
 their checkpoints in pyiqa's cache (``$TORCH_HOME/hub/pyiqa``) and OpenAI CLIP weights in
@@ -77,7 +77,7 @@ def _brisque_package():
     original = model.calculate_image_quality_score
 
     # brisque 0.2.0 under numpy 2: the feature list mixes scalars and 1-element arrays and
-    # scale_features fails on float(array) (offline-stack.md §6.2); flatten it first.
+    # scale_features fails on float(array) (recent numpy refuses float() of a non-scalar array); flatten it first.
     def flattened(features):
         flat = np.concatenate([np.ravel(np.asarray(f, dtype=np.float64)) for f in features])
         return original(flat)

@@ -1,4 +1,4 @@
-"""Classic image transforms used as purifiers (algorithms.md §2.2–2.4, §2.13).
+"""Classic image transforms used as purifiers (JPEG, blur, resizing as in the Anti-DreamBooth and DiffShortcut evaluations).
 
 Each runs the reference implementation (PIL) in ``purify``; ``differentiable_view`` gives
 adaptive attacks a torch version of the same operation (exact in float for blur and
@@ -217,7 +217,7 @@ class GaussianBlur(Purifier):
 
 
 class Resize(Purifier):
-    """Down to ``size`` and back up, PIL bicubic (suite-defined, algorithms.md §2.4: 512 → 128
+    """Down to ``size`` and back up, PIL bicubic (suite-defined: 512 → 128
     → 512, the same 128-px bottleneck as ``sr`` without the diffusion model).
 
     ``size`` is stated at 512 px and scaled with the image side. ``differentiable_view``:

@@ -1,4 +1,4 @@
-"""Purifiers built on the Stable Diffusion x4 upscaler (algorithms.md §2.9, §2.10).
+"""Purifiers built on the Stable Diffusion x4 upscaler (super-resolution, and Noisy Upscaling of Hönig et al., arXiv 2406.12027).
 
 The sampler below is the loop of diffusers' ``StableDiffusionUpscalePipeline`` (same
 random draws in the same order, so it reproduces the pipeline for a seed; a test checks

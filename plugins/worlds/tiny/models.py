@@ -22,7 +22,7 @@ import torch
 from benchbase.models.offline import VOCAB_SIZE, build_clip_tokenizer, build_folder_once, cache_root
 
 PRESETS = {
-    # ~1 M UNet parameters: unit tests (offline-stack.md §3)
+    # ~1 M UNet parameters: unit tests
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), text_hidden=32),
