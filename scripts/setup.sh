@@ -8,8 +8,11 @@ PYTHON=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install --quiet --upgrade pip
 # torch first, pinned: a range that admits a newer release makes pip fetch several GB of CUDA wheels.
+# The pin is this script's (a machine choice), not the package's: pyproject.toml asks only for
+# torch>=2.2; the constraints file keeps every later install on the pinned pair.
+PINS="$(mktemp)"; printf 'torch==2.14.1\ntorchvision==0.29.1\n' > "$PINS"
 $PIP install --quiet "torch==2.14.1" "torchvision==0.29.1"
-$PIP install --quiet -e ".[all,dev]"
+$PIP install --quiet -c "$PINS" -e ".[all,dev]"
 # facenet-pytorch 2.6.0 pins torch<2.3 and numpy<2 in its metadata but works with current ones;
 # --no-deps keeps pip from downgrading. It ships MTCNN's weights.
 $PIP install --quiet --no-deps "facenet-pytorch==2.6.0"
