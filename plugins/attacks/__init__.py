@@ -9,6 +9,8 @@ def register_attacks(register):
              description="no protection: set_B as is")
     register("noise", "benchbase_plugins.attacks.baseline:UniformNoise", version="1",
              description="uniform random noise in [-eps, eps] (the baseline every attack must beat)")
+    register("precomputed", "benchbase_plugins.attacks.precomputed:Precomputed", version="1",
+             description="protected set_B read from <root>/<identity>/set_B/*.png (external tools), checked and measured")
     register("advdm", "benchbase_plugins.attacks.advdm:AdvDM", version="1",
              description="AdvDM(+/-): PGD on the frozen model's denoising loss (Liang et al. ICML'23), eps 16")
     register("mist", "benchbase_plugins.attacks.mist:Mist", version="1",
