@@ -187,3 +187,13 @@ def test_config_needs_a_folder_with_images(tmp_path):
         Precomputed(root=str(tmp_path / "nowhere"), eps=8).config()
     with pytest.raises(DataError, match="no <identity>/set_B/ images"):
         Precomputed(root=str(tmp_path), eps=8).config()
+
+
+def test_exported_clean_set_is_read_back_unchanged(tmp_path, identity):
+    from benchbase_plugins.attacks.precomputed import Precomputed, export_clean_set_b
+
+    paths = export_clean_set_b(identity, tmp_path)
+    assert [p.name for p in paths] == [f"{s}.png" for s in identity.files["set_B"]]
+    ctx = make_context(identity=identity)
+    out = Precomputed(root=str(tmp_path), eps=1).protect(identity.set_B.clone(), ctx)
+    assert torch.equal(out, identity.set_B) and ctx.info["linf_levels_per_image"] == [0.0] * 4
