@@ -111,7 +111,15 @@ class Runner:
         self.device_label = str(self.device)  # what records say the stages ran on
         self.dtype = resolve_dtype(suite.dtype)
         writable_folder(self.run_dir, "run folder")
-        self.store = Store(writable_folder(Path(store_dir) if store_dir else self.run_dir / "store", "store"))
+        store_root = Path(store_dir) if store_dir else self.run_dir / "store"
+        try:
+            store_root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BenchbaseError(f"cannot create the store {store_root}: {exc.strerror or exc}") from None
+        # a store that exists but cannot be written is not refused here: its finished stages can
+        # still be read, and a stage that must be written fails with its cause (ENOSPC, EROFS) in
+        # the records of the cells that need it (docs/reliability.md)
+        self.store = Store(store_root)
         self._identities: dict[str, Identity] = {}
         self.backend = self.component(suite.backend)
         self.backend_fp = self.backend.fingerprint()  # part of most keys: hash the weights' identity once

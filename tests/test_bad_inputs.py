@@ -364,7 +364,7 @@ def test_run_folder_under_a_file(tmp_path):
 def test_store_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     code, stderr, _, _ = run_cli(tmp_path, suite_text(), "--store", str(tmp_path / "file" / "store"))
-    assert_error(code, stderr, "cannot write the store")
+    assert_error(code, stderr, "cannot create the store")
 
 
 def test_read_only_run_folder(tmp_path):
