@@ -191,6 +191,15 @@ class Context:
 
         return find_model(role, name, self)
 
+    def create(self, family: str, name: str, params: dict | None = None) -> Any:
+        """A component of ``family`` (e.g. ``"backends"``) by registered name, with validated
+        parameters, from the same plugin registry as the run (a Runner given its own
+        ``PluginManager`` resolves names there, not in the process-wide one). E-ASPL builds its
+        extra surrogate backends this way."""
+        from benchbase.plugins import get_plugin_manager
+
+        return (self.plugins or get_plugin_manager()).create(family, name, params or {})
+
     def with_(self, **changes: Any) -> "Context":
         return replace(self, **changes)
 

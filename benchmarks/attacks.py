@@ -7,8 +7,8 @@ overhead of a PGD step over the unavoidable compute.
     python benchmarks/attacks.py --only aspl caat
 
 Each attack runs in its own subprocess so that peak memory is its own. A "PGD step" is one
-gradient evaluation of the attack's loss w.r.t. the pixels (``_pgd.eot_grad``; for CAAT, one
-joint iteration). Two reference costs on the same batch are measured with the frozen base model:
+gradient evaluation of the attack's loss w.r.t. the pixels (``benchbase.toolkit.pgd.eot_grad``;
+for CAAT, one joint iteration). Two reference costs on the same batch are measured with the frozen base model:
 ``unet`` = one UNet forward+backward on latents, and ``enc+unet`` = VAE-encoder + UNet
 forward+backward from pixels (what every pixel-space PGD step must compute). Step counts are
 shrunk; per-step and per-iteration figures do not depend on them.
@@ -172,7 +172,7 @@ def run_one(name: str, full: bool, memory_options: bool, n_images: int) -> dict:
     import importlib
     import resource
 
-    import benchbase_plugins.attacks._pgd as pgd_mod
+    import benchbase.toolkit.pgd as pgd_mod
     import torch
 
     from benchbase.testing import make_context, sample_identity, tiny_backend
@@ -225,7 +225,7 @@ def run_one(name: str, full: bool, memory_options: bool, n_images: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     # shared stages (class images, FSMG surrogate) are computed outside the timed run
     if params.get("num_class_images"):
-        from benchbase_plugins.personalizers.dreambooth import class_images
+        from benchbase.toolkit import class_images
 
         class_images(ctx, ctx.prompts.class_, params["num_class_images"], params["class_inference_steps"], 7.5)
     if name == "fsmg":
@@ -293,7 +293,7 @@ def main() -> None:
         if r["pgd_steps"]:
             step = f"{r['s_per_pgd_step']:>11.4f} {r['pgd_steps']:>9d}"
             ratios = f"{r['ratio_unet']:>10.2f} {r['ratio_enc_unet']:>14.2f}"
-        else:  # its step does not go through _pgd.eot_grad (SDS): s/outer is its step
+        else:  # its step does not go through eot_grad (SDS): s/outer is its step
             step, ratios = f"{'—':>11} {0:>9d}", f"{'—':>10} {'—':>14}"
         print(f"{r['attack']:<10} {r['s_per_outer']:>9.3f} {step} {r['peak_gib']:>9.2f} "
               f"{r['unet_fwd_bwd_s']:>10.4f} {ratios}")

@@ -161,7 +161,7 @@ def test_suite_with_adaptive_attack_defenses_and_personalizers(tmp_path):
         cdl = meta["parts"]["defense"]["name"] == "cdl"
         assert meta["info"]["training_prompts"]["instance"].endswith(", bhj noisy pattern") == cdl
         lora = meta["parts"]["personalizer"]["name"] == "lora"
-        assert (folder / "adapters.safetensors").is_file() == lora and (folder / "unet").is_dir() != lora
+        assert (folder / "pytorch_lora_weights.safetensors").is_file() == lora and (folder / "unet").is_dir() != lora
     md, text = leaderboard.write(tmp_path / "run")
     assert "worst case" in text and "worst under" in text
     attacks = leaderboard.build(tmp_path / "run")["attacks"]

@@ -189,7 +189,7 @@ def test_caat_and_lora_train_only_their_tensors(env):
     assert kv.named and all(".attn2.to_k." in n or ".attn2.to_v." in n for n, _ in kv.named)
     lora = Surrogate(ctx.models(), "lora", train_text_encoder=False, lora_rank=2, generator=torch.Generator().manual_seed(0))
     names = [n for n, _ in lora.named]
-    assert names and all(n.endswith((".down.weight", ".up.weight")) for n in names)
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     before = {n: p.detach().clone() for n, p in lora.unet.named_parameters()}
     lora.train_steps(env["identity"].set_A, 1, ctx.prompts, ctx.generator, optimizer=lora.optimizer(lr=1e-2))
     moved = {n for n, p in lora.unet.named_parameters() if not torch.equal(p, before[n])}
@@ -211,6 +211,33 @@ def test_targeted_and_ensemble_aspl_run(env, tmp_path):
     out_e = ASPL(ensemble=[{"name": "tiny", "seed": 1}], **small).protect(env["identity"].set_B.clone(), ctx)
     assert ctx.info["surrogates"] == 2
     assert linf_levels(out_e, env["identity"].set_B) <= 6.375 + 1e-4
+
+
+def test_ensemble_backends_come_from_the_runs_registry(env):
+    """E-ASPL builds its extra surrogates through ``ctx.create``: a name registered only in the
+    run's own PluginManager resolves there, and is unknown to the process-wide registry."""
+    from benchbase_plugins.attacks.aspl import ASPL
+    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+
+    from benchbase.errors import UnknownComponentError
+    from benchbase.hookspecs import hookimpl
+    from benchbase.plugins import PluginManager
+
+    class OnlyHere:
+        @hookimpl
+        def register_backends(self, register):
+            register("tiny-only-here", TinyBackend, version="1")
+
+    pm = PluginManager(entry_points=False)
+    pm.register(OnlyHere())
+    small = dict(max_train_steps=1, max_f_train_steps=1, max_adv_train_steps=1, **CLASS)
+    attack = ASPL(ensemble=[{"name": "tiny-only-here", "seed": 1}], **small)
+    ctx = _ctx(env)
+    ctx.plugins = pm
+    attack.protect(env["identity"].set_B.clone(), ctx)
+    assert ctx.info["surrogates"] == 2
+    with pytest.raises(UnknownComponentError, match="tiny-only-here"):
+        attack.protect(env["identity"].set_B.clone(), _ctx(env))  # no manager: the global registry
 
 
 def test_simac_feature_loss_contributes_gradient(env):

@@ -1,6 +1,7 @@
 """The ``lora`` personalizer: only adapter parameters train (UNet, and text encoder when
-asked), the stored artifact holds only adapters and is a small fraction of the UNet, and
-generation with the merged adapters equals running them alongside the frozen weights."""
+asked), the stored artifact holds only adapters and is a small fraction of the UNet, diffusers
+loads it, and generation with the merged adapters equals running them alongside the frozen
+weights."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class RecordingBackend:
 
 
 def _plain_name(name: str) -> str:
-    return name.replace(".base.", ".")  # a wrapped projection's frozen weight under its original name
+    return name.replace(".base_layer.", ".")  # a wrapped projection's frozen weight under its original name
 
 
 @pytest.fixture(scope="module")
@@ -94,37 +95,40 @@ def test_only_adapters_change(trained, te):
 def test_artifact_holds_only_small_adapters(trained, te, tmp_path):
     from safetensors.torch import load_file
 
+    from benchbase.toolkit.lora import split_lora_state
+
     runs, base, _ = trained
     folder = runs[te]["folder"]
-    assert sorted(p.name for p in folder.iterdir()) == ["adapters.json", "adapters.safetensors", "losses.json"]
-    state = load_file(str(folder / "adapters.safetensors"))
-    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state)
-    assert {k.split(".")[0] for k in state} == ({"unet", "text_encoder"} if te else {"unet"})
+    assert sorted(p.name for p in folder.iterdir()) == ["adapters.json", "losses.json",
+                                                         "pytorch_lora_weights.safetensors"]
+    state = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    layers = split_lora_state(state)  # every key is an A or B matrix of a UNet / text-encoder layer
+    assert set(layers) == ({"unet", "text_encoder"} if te else {"unet"})
     config = json.loads((folder / "adapters.json").read_text())
     assert config["rank"] == 4 and config["alpha"] == 4.0
-    assert all(v.shape[0] == 4 for k, v in state.items() if ".lora_A." in k)
+    assert all(a.shape[0] == 4 and b.shape[1] == 4 for group in layers.values() for a, b in group.values())
     base.unet.save_pretrained(tmp_path / "unet")  # what full fine-tuning stores for the UNet alone
     full = sum(f.stat().st_size for f in (tmp_path / "unet").iterdir())
-    lora = (folder / "adapters.safetensors").stat().st_size
+    lora = (folder / "pytorch_lora_weights.safetensors").stat().st_size
     assert lora < 0.1 * full, (lora, full)
     assert runs[te]["info"]["adapter_parameters"] == sum(v.numel() for v in state.values())
 
 
 def test_merged_adapters_equal_the_trained_wrappers(trained, tiny):
     """Generation's base-model-plus-merged-adapters computes what training's wrappers compute."""
-    from benchbase_plugins.personalizers.lora import LoRALinear
+    from peft.tuners.lora import LoraLayer
 
     runs, _, _ = trained
     run = runs[True]
     models = run["models"]
     merged = run["p"].load_victim(run["folder"], make_context(backend=tiny))
     for module, merged_module in ((models.unet, merged.unet), (models.text_encoder, merged.text_encoder)):
-        wrappers = {n: m for n, m in module.named_modules() if isinstance(m, LoRALinear)}
+        wrappers = {n: m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
         assert wrappers
         for name, wrapper in wrappers.items():
             linear = merged_module.get_submodule(name)
             assert type(linear) is torch.nn.Linear  # plain layers: nothing but weights changed
-            x = torch.randn(2, wrapper.base.in_features, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(2, wrapper.base_layer.in_features, generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
                 assert torch.allclose(wrapper(x), linear(x), atol=1e-5, rtol=1e-4), name
 
@@ -132,9 +136,9 @@ def test_merged_adapters_equal_the_trained_wrappers(trained, tiny):
 def test_generation_uses_the_adapters(trained, tiny):
     """Same seeds, same prompts: the personalised model's images differ from the base model's."""
     from benchbase_plugins.defenses.basic import NoDefense
-    from benchbase_plugins.personalizers.dreambooth import generate_images
 
     from benchbase.components import Prompts
+    from benchbase.toolkit import generate_images
 
     runs, _, identity = trained
     run = runs[True]
@@ -146,3 +150,24 @@ def test_generation_uses_the_adapters(trained, tiny):
     assert not torch.equal(images["a photo of sks person"], base)
     again = run["p"].generate(run["folder"], ctx, NoDefense())
     assert torch.equal(again["a photo of sks person"], images["a photo of sks person"])
+
+
+def test_diffusers_loads_the_stored_adapters(trained, tiny):
+    """The folder is what diffusers' DreamBooth-LoRA script writes: ``load_lora_weights`` on a
+    plain pipeline gives the model that generation's merge gives (UNet and text encoder)."""
+    runs, _, _ = trained
+    run = runs[True]
+    merged = run["p"].load_victim(run["folder"], make_context(backend=tiny))
+    pipe = tiny.load(torch.device("cpu"), torch.float32).pipeline()
+    pipe.load_lora_weights(str(run["folder"]))
+    ids = merged.tokenize(["a photo of sks person"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = merged.text_encoder(ids)[0], pipe.text_encoder(ids)[0]
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        a = merged.unet(x, torch.tensor([500]), ours).sample
+        b = pipe.unet(x, torch.tensor([500]), theirs).sample
+    assert torch.allclose(a, b, atol=1e-5)
+    base = tiny.load(torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # and the adapters matter: the base model's output is elsewhere
+        assert not torch.allclose(base.unet(x, torch.tensor([500]), base.text_encoder(ids)[0]).sample, a, atol=1e-5)

@@ -263,7 +263,8 @@ def test_dreambooth_batch_of_two_sees_every_image_and_fused_adamw_matches(tmp_pa
     gives the same update as the per-tensor loop."""
     from benchbase.components import Defense
     from benchbase.testing import make_context, sample_identity
-    from benchbase_plugins.personalizers.dreambooth import DreamBooth, fused_kwargs
+    from benchbase.toolkit import fused_kwargs
+    from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
     seen = []
 

@@ -155,24 +155,11 @@ class SDModels:
         reduction: str = "mean",
     ) -> torch.Tensor:
         """L_DM: MSE between the UNet prediction and its target (ε or v, by prediction_type),
-        t ~ U{0..T-1} per image and fresh noise unless given."""
-        unet = unet or self.unet
-        n = latents.shape[0]
-        if noise is None:
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(
-                latents.device, latents.dtype)
-        if timesteps is None:
-            timesteps = self.sample_timesteps(n, generator)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample.float()
-        if self.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        err = (pred - target.float()).pow(2)
-        if reduction == "none":
-            return err.flatten(1).mean(dim=1)
-        return err.mean()
+        t ~ U{0..T-1} per image and fresh noise unless given (``benchbase.toolkit.diffusion``,
+        the one noising path every stage uses)."""
+        from benchbase.toolkit.diffusion import diffusion_loss
+
+        return diffusion_loss(self, latents, cond, generator, timesteps, noise, unet, reduction)
 
     def pipeline(self, unet: torch.nn.Module | None = None, text_encoder: torch.nn.Module | None = None):
         """A StableDiffusionPipeline over these modules (optionally a fine-tuned UNet / text encoder)."""

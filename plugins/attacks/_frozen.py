@@ -2,8 +2,8 @@
 
 What lives here is what the four have in common and no other family needs: the two losses
 of the Mist/Diff-Protect line (semantic = denoising loss, textural = latent distance to a
-target image), the bundled default target image, the adaptive (threat-aware) view of the
-input, and chunking a batch for memory.
+target image), the bundled default target image, and chunking a batch for memory. PGD and the
+adaptive (threat-aware) view of the input come from ``benchbase.toolkit``.
 
 Per-image sums: the official scripts (``mist_v3.py``, Diff-Protect ``diff_mist.py``) attack
 one image at a time. Every module on the path (VAE, UNet: GroupNorm, no batch statistics)
@@ -14,13 +14,11 @@ scale the semantic term by 1/B and change Mist's fused balance ``L_T - rate·L_S
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchbase.components import Context
 from benchbase.errors import ConfigError
 
 #: The bundled default target image for Mist's textural loss and SDST (see docs/attacks-frozen.md).
@@ -65,13 +63,6 @@ def load_target(path: str | None, resolution: int) -> torch.Tensor:
     if img.size != (resolution, resolution):
         img = img.resize((resolution, resolution), Image.BICUBIC)
     return pil_to_tensor(img).unsqueeze(0)
-
-
-def threat_view(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The differentiable purifier chain of an adaptive cell (None when not adaptive)."""
-    if ctx.threat is None or not ctx.threat.purifiers:
-        return None
-    return lambda x: ctx.threat.purify_differentiable(x, ctx)
 
 
 def chunks(n: int, batch_size: int | None) -> list[slice]:

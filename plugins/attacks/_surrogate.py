@@ -1,7 +1,8 @@
 """The surrogate-training helper shared by the attacks that fine-tune a model while they
-perturb (ASPL, FSMG, SimAC, MetaCloak, CAAT): DreamBooth steps with prior preservation,
-optional text-encoder training, optimizer reset-or-keep, and save/restore of the trainable
-state (a state dict of the trainable tensors, never a deep copy of the modules).
+perturb (ASPL, FSMG, SimAC, MetaCloak, CAAT): a trainable view of the models (full, LoRA or
+cross-attention K/V), optimizer reset-or-keep, and save/restore of the trainable state (a state
+dict of the trainable tensors, never a deep copy of the modules). The DreamBooth steps, LoRA,
+class images and noising come from ``benchbase.toolkit``, the same code the victims run.
 
 All images are [0, 1] at the boundary; every random draw uses the generator handed in (the
 cell's ``ctx.generator``, or a generator seeded from a shared stage's key so that a cache hit
@@ -11,8 +12,7 @@ and a cache miss leave the cell's random stream identical).
 from __future__ import annotations
 
 import hashlib
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Literal
 
@@ -22,6 +22,7 @@ from pydantic import Field
 from benchbase.components import Attack, Context, Prompts
 from benchbase.images import load_image, to_uint8
 from benchbase.models.sd import SDModels
+from benchbase.toolkit import ClassPrior, adamw, add_lora, class_images, dreambooth_steps, lora_parameters
 
 from ._precision import Precision
 
@@ -79,52 +80,6 @@ def load_models(ctx: Context, precision: str = "context", backend=None) -> SDMod
     return models
 
 
-class LoRALinear(torch.nn.Module):
-    """y = W x + (α/r)·B A x with A ~ Kaiming, B = 0 (so the wrapped layer starts unchanged)."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float | None = None):
-        super().__init__()
-        self.base = base
-        self.scale = (alpha or rank) / rank
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False, device=base.weight.device,
-                                    dtype=base.weight.dtype)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False, device=base.weight.device,
-                                  dtype=base.weight.dtype)
-        torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        torch.nn.init.zeros_(self.up.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.up(self.down(x)) * self.scale
-
-
-def add_lora(unet: torch.nn.Module, rank: int, generator: torch.Generator | None = None) -> None:
-    """Wrap every attention q/k/v/out projection of the UNet with a rank-``rank`` LoRA."""
-    targets = []
-    for name, module in unet.named_modules():
-        for child in ("to_q", "to_k", "to_v"):
-            if isinstance(getattr(module, child, None), torch.nn.Linear):
-                targets.append((module, child))
-        to_out = getattr(module, "to_out", None)
-        if isinstance(to_out, torch.nn.ModuleList) and isinstance(to_out[0], torch.nn.Linear):
-            targets.append((to_out, "0"))
-    fork = torch.random.fork_rng(devices=[]) if generator is not None else None
-    with fork or _nullcontext():
-        if generator is not None:  # LoRA init is part of the attack's randomness: seed it
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        for parent, child in targets:
-            base = getattr(parent, child) if child != "0" else parent[0]
-            lora = LoRALinear(base, rank)
-            if child == "0":
-                parent[0] = lora
-            else:
-                setattr(parent, child, lora)
-
-
-@contextmanager
-def _nullcontext():
-    yield
-
-
 class Surrogate:
     """A trainable view of an ``SDModels`` bundle.
 
@@ -139,8 +94,8 @@ class Surrogate:
         self.models = models
         self.unet, self.text_encoder = models.unet, models.text_encoder
         self.train_text_encoder = train_text_encoder and trainable != "crossattn_kv"
-        if trainable == "lora":
-            add_lora(self.unet, lora_rank, generator)
+        if trainable == "lora":  # peft's default init (Kaiming A, B = 0), seeded from the generator
+            add_lora(self.unet, lora_rank, init="kaiming", generator=generator)
         self.named = self._select(trainable)
         self.params = [p for _, p in self.named]
         if gradient_checkpointing:
@@ -151,8 +106,7 @@ class Surrogate:
 
     def _select(self, trainable: str) -> list[tuple[str, torch.nn.Parameter]]:
         named = []
-        lora_names = {f"{m}.{part}.weight" for m, mod in self.unet.named_modules()
-                      if isinstance(mod, LoRALinear) for part in ("down", "up")}
+        lora_names = {n for n, _ in lora_parameters(self.unet)}
         for name, p in self.unet.named_parameters():
             if trainable == "full":
                 keep = True
@@ -200,9 +154,7 @@ class Surrogate:
                       weight_decay=p.adam_weight_decay, eps=p.adam_epsilon)
         if lr is not None:
             kw["lr"] = lr
-        from benchbase_plugins.personalizers.dreambooth import fused_kwargs
-
-        return torch.optim.AdamW(self.params, **fused_kwargs(self.params), **kw)
+        return adamw(self.params, **kw)
 
     # -- conditioning ----------------------------------------------------------------------
 
@@ -220,7 +172,7 @@ class Surrogate:
         generator: torch.Generator,
         optimizer: torch.optim.Optimizer | None = None,
         p: SurrogateParams | None = None,
-        class_latents: ClassLatents | None = None,
+        class_latents: ClassPrior | None = None,
         batch_size: int = 1,
         max_grad_norm: float | None = None,
         prior_loss_weight: float = 1.0,
@@ -228,7 +180,8 @@ class Surrogate:
         offset: int = 0,
     ) -> list[float]:
         """``steps`` DreamBooth steps on ``images`` (instance prompt) plus, when ``class_latents``
-        is given, the prior term on class images (class prompt): loss = MSE_inst + w·MSE_prior.
+        is given, the prior term on class images (class prompt): loss = MSE_inst + w·MSE_prior
+        (``benchbase.toolkit.dreambooth_steps``, the loop the DreamBooth victim runs).
 
         Step ``s`` takes instance images ``(s·b + j) mod N`` and class images ``(s·b + j) mod M``
         with ``s`` restarting at 0 in every call, exactly as Anti-DB's ``train_one_epoch`` indexes
@@ -237,46 +190,11 @@ class Surrogate:
         its state across calls. ``offset`` continues the data index of an earlier call (one long
         run split into chunks, e.g. MetaCloak's model pool).
         """
-        models = self.models
-        optimizer = optimizer or self.optimizer(p)
-        self.unet.train()
-        if self.train_text_encoder:
-            self.text_encoder.train()
-        n = len(images)
-        prior = class_latents is not None
-        prompt_list = [prompts.instance] * batch_size + ([prompts.class_] * batch_size if prior else [])
-        ids = models.tokenize(prompt_list)
-        losses = []
-        it: Iterable[int] = range(steps)
-        if progress is not None:
-            it = progress(it, desc="surrogate", leave=False)
-        for step in it:
-            idx = [((offset + step) * batch_size + j) for j in range(batch_size)]
-            inst = images[[i % n for i in idx]].to(models.device)
-            with torch.no_grad():
-                latents = models.encode_images(inst, sample=True, generator=generator)
-                if prior:
-                    latents = torch.cat([latents, class_latents.sample(idx, generator)])
-            with torch.set_grad_enabled(True):
-                cond = self.text_encoder(ids)[0] if self.train_text_encoder else self._frozen_cond(ids)
-                per_image = models.diffusion_loss(latents, cond, generator=generator, unet=self.unet,
-                                                  reduction="none")
-                loss = per_image[:batch_size].mean()
-                if prior:
-                    loss = loss + prior_loss_weight * per_image[batch_size:].mean()
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        self.unet.eval()
-        self.text_encoder.eval()
-        return losses
-
-    def _frozen_cond(self, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.text_encoder(ids)[0]
+        return dreambooth_steps(
+            self.models, self.params, optimizer or self.optimizer(p), images, steps, prompts, generator,
+            unet=self.unet, text_encoder=self.text_encoder, train_text_encoder=self.train_text_encoder,
+            prior=class_latents, prior_loss_weight=prior_loss_weight, batch_size=batch_size,
+            max_grad_norm=max_grad_norm, offset=offset, progress=progress, desc="surrogate")
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,67 +202,22 @@ class Surrogate:
 # ---------------------------------------------------------------------------------------
 
 
-class ClassLatents:
-    """Class-image latents for the prior term: either the cached VAE posterior (mean, std)
-    with a fresh sample per use, or the images themselves encoded at every use."""
-
-    def __init__(self, models: SDModels, images: torch.Tensor, cache: bool = True):
-        self.models, self.images, self.cache = models, images, cache
-        self.mean = self.std = None
-        if cache:
-            with torch.no_grad():
-                parts = [models.vae.encode(images[i:i + 8].to(models.device, models.vae.dtype) * 2 - 1).latent_dist
-                         for i in range(0, len(images), 8)]
-            self.mean = torch.cat([d.mean for d in parts])
-            self.std = torch.cat([d.std for d in parts])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def sample(self, idx: list[int], generator: torch.Generator) -> torch.Tensor:
-        sel = [i % len(self) for i in idx]
-        if not self.cache:
-            return self.models.encode_images(self.images[sel], sample=True, generator=generator)
-        mean, std = self.mean[sel], self.std[sel]
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
-        return (mean + std * noise) * self.models.scaling_factor
-
-
 def class_latents(ctx: Context, models: SDModels, p: SurrogateParams, prompts: Prompts,
-                  needed: int | None = None) -> ClassLatents | None:
+                  needed: int | None = None) -> ClassPrior | None:
     """The prior-preservation class images of the base model (the same shared stage the
-    DreamBooth victim uses, so they are generated once per model), as ``ClassLatents``.
+    DreamBooth victim uses, so they are generated once per model), as a ``ClassPrior``.
     ``needed`` trims to the images the loop can ever index (ASPL's 3-step calls use 3)."""
     if not p.with_prior_preservation:
         return None
-    from benchbase_plugins.personalizers.dreambooth import class_images
-
     images = class_images(ctx, prompts.class_, p.num_class_images, p.class_inference_steps, p.class_guidance_scale)
     if needed is not None:
         images = images[: max(1, min(len(images), needed))]
-    return ClassLatents(models, images, cache=p.cache_class_latents)
+    return ClassPrior(images, models, cache_latents=p.cache_class_latents)
 
 
 # ---------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------
-
-
-def denoise(models: SDModels, unet: torch.nn.Module, latents: torch.Tensor, cond: torch.Tensor,
-            generator: torch.Generator, timesteps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One noising + UNet prediction; returns pred, target (ε or v), noisy latents, t, noise."""
-    n = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    if timesteps is None:
-        timesteps = models.sample_timesteps(n, generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy.to(unet.dtype), timesteps, cond.to(unet.dtype)).sample.float()
-    if models.prediction_type == "v_prediction":
-        target = models.noise_scheduler.get_velocity(latents, noise, timesteps).float()
-    else:
-        target = noise.float()
-    return {"pred": pred, "target": target, "noisy": noisy, "t": timesteps, "noise": noise}
 
 
 def ddpm_prev_sample(models: SDModels, out: dict, generator: torch.Generator) -> torch.Tensor:
@@ -385,16 +258,8 @@ def targeted_term(models: SDModels, out: dict, z_target: torch.Tensor, generator
 
 
 # ---------------------------------------------------------------------------------------
-# Adaptive attacks, bookkeeping
+# Bookkeeping
 # ---------------------------------------------------------------------------------------
-
-
-def threat_view(ctx: Context) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, Prompts]:
-    """(differentiable purifier chain or None, training prompts) of ``ctx.threat``."""
-    if ctx.threat is None:
-        return None, ctx.prompts
-    purify = (lambda x: ctx.threat.purify_differentiable(x, ctx)) if ctx.threat.purifiers else None
-    return purify, ctx.threat.training_prompts or ctx.prompts
 
 
 def images_digest(images: torch.Tensor) -> str:

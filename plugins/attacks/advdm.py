@@ -6,16 +6,11 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
+from benchbase_plugins.attacks._frozen import chunks, frozen_setup, semantic_loss
 from pydantic import Field
-from benchbase_plugins.attacks._frozen import (
-    chunks,
-    frozen_setup,
-    semantic_loss,
-    threat_view,
-)
-from benchbase_plugins.attacks._pgd import pgd
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import pgd, threat_view
 
 
 class AdvDM(Attack):
@@ -44,7 +39,7 @@ class AdvDM(Attack):
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
         models, cond = frozen_setup(ctx, p.prompt, p.gradient_checkpointing)
-        view = threat_view(ctx)
+        view = threat_view(ctx).purify  # None unless adaptive with a purifier chain
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             return semantic_loss(models, x, cond, ctx.generator)

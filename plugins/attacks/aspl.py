@@ -12,19 +12,16 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context, Prompts
+from benchbase.toolkit import ClassPrior, denoise, pgd, threat_view
 
-from ._pgd import pgd
 from ._precision import weights_precision
 from ._surrogate import (
-    ClassLatents,
     Surrogate,
     SurrogateParams,
     class_latents,
-    denoise,
     load_models,
     target_latents,
     targeted_term,
-    threat_view,
 )
 
 
@@ -33,7 +30,7 @@ class Member:
     """One surrogate of the (possibly ensemble) attack: its models and what its losses need."""
 
     surrogate: Surrogate
-    class_latents: ClassLatents | None
+    class_latents: ClassPrior | None
     target: torch.Tensor | None = None
     extra: dict | None = None  # method-specific state (SimAC's timestep sets)
 
@@ -80,13 +77,9 @@ class ASPL(Attack):
 
     def _backends(self, ctx: Context) -> list:
         backends = [ctx.backend]
-        if self.params.ensemble:
-            from benchbase.plugins import get_plugin_manager
-
-            pm = get_plugin_manager()
-            for spec in self.params.ensemble:
-                spec = dict(spec)
-                backends.append(pm.create("backends", spec.pop("name"), spec))
+        for spec in self.params.ensemble:  # through the run's own plugin registry
+            spec = dict(spec)
+            backends.append(ctx.create("backends", spec.pop("name"), spec))
         return backends
 
     def _member(self, ctx: Context, backend, prompts: Prompts, n: int) -> Member:

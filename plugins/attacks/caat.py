@@ -9,9 +9,9 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import denoise, sign_step, threat_view
 
-from ._pgd import sign_step
-from ._surrogate import Surrogate, denoise, load_models, threat_view
+from ._surrogate import Surrogate, load_models
 
 
 class CAAT(Attack):

@@ -9,20 +9,18 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import denoise, pgd, threat_view
 
-from ._pgd import pgd
 from ._precision import weights_precision
 from ._surrogate import (
     Surrogate,
     SurrogateParams,
     class_latents,
-    denoise,
     images_digest,
     load_models,
     seeded_generator,
     target_latents,
     targeted_term,
-    threat_view,
 )
 
 STATE_FILE = "surrogate.safetensors"
@@ -76,6 +74,8 @@ class FSMG(Attack):
         set_A = ctx.identity.set_A
         key = {"backend": ctx.backend.fingerprint(), "set_A": images_digest(set_A), "recipe": self._recipe(),
                "instance": prompts.instance, "class": prompts.class_}
+        if p.lora_rank:  # peft names the adapter tensors differently from the earlier hand-written LoRA
+            key["lora"] = "peft"
 
         def compute(folder):
             from safetensors.torch import save_file

@@ -13,16 +13,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import denoise, pgd, threat_view
 
-from ._pgd import pgd
 from ._precision import DTYPES, cast_for, weights_precision
 from ._surrogate import (
     Surrogate,
     SurrogateParams,
     class_latents,
-    denoise,
     load_models,
-    threat_view,
 )
 
 

@@ -13,11 +13,10 @@ from benchbase_plugins.attacks._frozen import (
     semantic_loss,
     target_latent,
     textural_loss,
-    threat_view,
 )
-from benchbase_plugins.attacks._pgd import pgd
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import pgd, threat_view
 
 
 class Mist(Attack):
@@ -57,7 +56,7 @@ class Mist(Attack):
         p = self.params
         models, cond = frozen_setup(ctx, p.prompt, p.gradient_checkpointing)
         target = load_target(p.target_image, images.shape[-1]).to(ctx.device) if p.mode != "semantic" else None
-        view = threat_view(ctx)
+        view = threat_view(ctx).purify  # None unless adaptive with a purifier chain
         gen = ctx.generator
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:  # the quantity Mist MINIMISES

@@ -13,11 +13,10 @@ from benchbase_plugins.attacks._frozen import (
     load_target,
     target_latent,
     textural_loss,
-    threat_view,
 )
-from benchbase_plugins.attacks._pgd import project, random_start
 
 from benchbase.components import Attack, Context
+from benchbase.toolkit import denoise, project, random_start, threat_view
 
 
 class SDS(Attack):
@@ -56,7 +55,7 @@ class SDS(Attack):
     def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         p = self.params
         models, cond = frozen_setup(ctx, p.prompt)
-        view = threat_view(ctx) or (lambda x: x)
+        view = threat_view(ctx)  # the purifier chain when adaptive, else the identity
         target = load_target(p.target_image, images.shape[-1]).to(ctx.device) if p.target else None
         g_dir = 1.0 if p.sign == "+" else -1.0
         eps, alpha = p.eps / 255.0, p.step_size / 255.0
@@ -92,18 +91,9 @@ class SDS(Attack):
         z = models.encode_images(view(x), sample=True, generator=generator)
         n = len(z)
         with torch.no_grad():
-            zd = z.detach()
-            noise = torch.randn(zd.shape, generator=generator, dtype=torch.float32).to(zd.device, zd.dtype)
-            t = models.sample_timesteps(n, generator)
-            z_t = models.noise_scheduler.add_noise(zd, noise, t)
-            unet = models.unet
-            pred = unet(z_t.to(unet.dtype), t, cond.expand(n, -1, -1).to(unet.dtype)).sample
             # v-prediction models: the residual against the v target (Diff-Protect is ε-only)
-            if models.prediction_type == "v_prediction":
-                target = models.noise_scheduler.get_velocity(zd, noise, t)
-            else:
-                target = noise
-            residual = (pred.float() - target.float()).to(z.dtype)
+            out = denoise(models, None, z.detach(), cond.expand(n, -1, -1), generator)
+            residual = (out.pred - out.target).to(z.dtype)
         if resample:
             z = models.encode_images(view(x), sample=True, generator=generator)
         (g_x,) = torch.autograd.grad(z, x, grad_outputs=residual)

@@ -9,9 +9,8 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Context
+from benchbase.toolkit import denoise, sign_step
 
-from ._pgd import sign_step
-from ._surrogate import denoise
 from .aspl import ASPL, Member
 
 
@@ -129,15 +128,9 @@ class SimAC(ASPL):
                 unet(models.noise_scheduler.add_noise(z_clean, noise, t).to(unet.dtype), t, cond.to(unet.dtype))
             clean_feats = [f.detach() for f in feats]
             feats.clear()
-            noisy = models.noise_scheduler.add_noise(z, noise, t)
-            pred = unet(noisy.to(unet.dtype), t, cond.to(unet.dtype)).sample.float()
+            dm = denoise(models, unet, z, cond, timesteps=t, noise=noise).mse()
         finally:
             for h in hooks:
                 h.remove()
-        if models.prediction_type == "v_prediction":
-            target = models.noise_scheduler.get_velocity(z, noise, t).float()
-        else:
-            target = noise.float()
-        dm = (pred - target).pow(2).mean()
         feature = torch.stack([(a.float() - b.float()).pow(2).mean() for a, b in zip(feats, clean_feats)]).mean()
         return dm, feature

@@ -18,53 +18,8 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Context, Defense, Params, Personalizer
-from benchbase.images import load_pngs, save_pngs
 from benchbase.models.sd import SDModels
-
-
-def fused_kwargs(params: list) -> dict:
-    """``fused=True`` for float32 CPU tensors: the same AdamW update in one kernel (on small
-    models the per-tensor loop dominated a step: 33 → 8 ms for the mini world's 6 M parameters)."""
-    tensors = [p for p in params if isinstance(p, torch.Tensor)]
-    if tensors and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in tensors):
-        return {"fused": True}
-    return {}
-
-
-def generate_images(
-    models: SDModels, prompt: str, n: int, steps: int, guidance: float, seed: int,
-    negative_prompt: str = "", batch_size: int = 4, pipe=None, progress=None,
-) -> torch.Tensor:
-    """``n`` images of ``prompt``; image ``i`` is drawn with its own generator seeded ``seed + i``,
-    so a result does not depend on the batch size."""
-    pipe = pipe or models.pipeline()
-    out = []
-    starts = range(0, n, batch_size)
-    for start in (progress(starts, desc=f"generate {prompt[:30]!r}", leave=False) if progress else starts):
-        count = min(batch_size, n - start)
-        gens = [torch.Generator().manual_seed(seed + start + k) for k in range(count)]
-        with torch.no_grad():
-            result = pipe(
-                [prompt] * count, negative_prompt=[negative_prompt] * count if negative_prompt else None,
-                num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                height=models.resolution, width=models.resolution, output_type="pt",
-            )
-        out.append(result.images.float().cpu().clamp(0, 1))
-    return torch.cat(out)
-
-
-def class_images(ctx: Context, prompt: str, n: int, steps: int, guidance: float) -> torch.Tensor:
-    """Prior-preservation images of the base model, generated once per (model, prompt, count, sampler)
-    and shared by every cell through the store."""
-    key = {"backend": ctx.backend.fingerprint(), "prompt": prompt, "n": n, "steps": steps,
-           "guidance": guidance, "seed": 0, "resolution": ctx.backend.resolution}
-
-    def compute(folder: Path) -> None:
-        models = ctx.models()
-        images = generate_images(models, prompt, n, steps, guidance, seed=0, progress=ctx.progress)
-        save_pngs(images, folder)
-
-    return load_pngs(ctx.shared.get_or_compute("class_images", key, compute))
+from benchbase.toolkit import ClassPrior, class_images, dreambooth_steps, fused_kwargs, generate_images
 
 
 class DreamBooth(Personalizer):
@@ -140,64 +95,29 @@ class DreamBooth(Personalizer):
                 model_dir / "text_encoder", dtype=models.dtype).to(models.device)
         return models.freeze()
 
-    # -- the shared DreamBooth loop ----------------------------------------------------------
+    # -- the DreamBooth loop (benchbase.toolkit.dreambooth_steps, shared with the attacks' surrogates)
     def train(self, images: torch.Tensor, ctx: Context, defense: Defense, out_dir: Path) -> None:
         p = self.params
         prompts = defense.training_prompts(ctx.prompts)
         models = ctx.models()
-        unet, text_encoder = models.unet, models.text_encoder
         trainable = self.setup_trainable(models, ctx)
-        unet.train()
-        text_encoder.train(p.train_text_encoder)
         if p.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            models.unet.enable_gradient_checkpointing()
             if p.train_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
+                models.text_encoder.gradient_checkpointing_enable()
         optimizer, opt_name = self._optimizer(trainable, models.device)
-        priors = None
+        prior = None
         if p.with_prior_preservation:
             # the prior images are the base model's samples of the *undefended* class prompt
             # (DiffShortcut generates them before adding its suffix); training uses the defended one
-            priors = class_images(ctx, ctx.prompts.class_, p.num_class_images, p.class_inference_steps,
-                                  p.class_guidance_scale).to(models.device)  # PNGs load on the CPU
-        ids = models.tokenize([prompts.instance] + ([prompts.class_] if priors is not None else []))
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision)
-        use_autocast = autocast_dtype is not None and models.device.type == "cuda"
-        fixed_cond = None
-        if not p.train_text_encoder:  # a frozen text encoder gives the same embedding every step
-            with torch.no_grad():
-                fixed_cond = text_encoder(ids)[0]
-        gen = ctx.generator
-        losses = []
-        for step in ctx.progress(range(p.max_train_steps), desc=self.name or "dreambooth", leave=False):
-            k = p.train_batch_size
-            pick = [(step * k + j) % len(images) for j in range(k)]
-            batch = {"instance_images": images[pick].to(models.device),
-                     "instance_prompt": prompts.instance, "step": step}
-            if priors is not None:
-                batch["class_images"] = priors[[(step * k + j) % len(priors) for j in range(k)]]
-                batch["class_prompt"] = prompts.class_
-            batch = defense.transform_batch(batch, ctx)
-            pixels = batch["instance_images"] if priors is None else torch.cat(
-                [batch["instance_images"], batch["class_images"]])
-            with torch.no_grad():
-                latents = models.encode_images(pixels.to(models.device), sample=True, generator=gen)
-            with torch.autocast(models.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_autocast):
-                cond = fixed_cond if fixed_cond is not None else text_encoder(ids)[0]
-                cond = cond.repeat_interleave(p.train_batch_size, dim=0)  # [instance × k, class × k]
-                per_image = models.diffusion_loss(latents, cond, generator=gen, unet=unet, reduction="none")
-            k = p.train_batch_size
-            loss = per_image[:k].mean()
-            if priors is not None:
-                loss = loss + p.prior_loss_weight * per_image[k:].mean()
-            extra = defense.extra_loss(batch, {"loss": loss, "per_image": per_image}, ctx)
-            if extra is not None:
-                loss = loss + extra
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            prior = ClassPrior(class_images(ctx, ctx.prompts.class_, p.num_class_images, p.class_inference_steps,
+                                            p.class_guidance_scale).to(models.device))  # PNGs load on the CPU
+        losses = dreambooth_steps(
+            models, trainable, optimizer, images, p.max_train_steps, prompts, ctx.generator,
+            train_text_encoder=p.train_text_encoder, prior=prior, prior_loss_weight=p.prior_loss_weight,
+            batch_size=p.train_batch_size, max_grad_norm=p.max_grad_norm,
+            autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision),
+            defense=defense, ctx=ctx, progress=ctx.progress, desc=self.name or "dreambooth")
         info = self.save_trained(models, out_dir)
         (out_dir / "losses.json").write_text(json.dumps(losses))
         ctx.info.update(optimizer=opt_name, steps=p.max_train_steps, **info,

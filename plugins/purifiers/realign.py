@@ -418,7 +418,7 @@ class Realign(Purifier):
         p = self.params
         if p.min_alignment is not None:
             return p.min_alignment, float("inf"), 0
-        from benchbase_plugins.personalizers.dreambooth import class_images
+        from benchbase.toolkit import class_images
 
         if ctx.backend is None or ctx.shared is None:
             raise ConfigError("realign: calibrating the clean range needs a backend and shared stages "
