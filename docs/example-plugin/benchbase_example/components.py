@@ -2,9 +2,10 @@
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from benchbase.components import Attack, Context, Params, Purifier
+from benchbase import Attack, Context, Params, Purifier
+from benchbase.toolkit import diffusion_loss, pgd, threat_view
 
 
 class Checkerboard(Attack):
@@ -23,11 +24,51 @@ class Checkerboard(Attack):
         return (images + sign * self.eps / 255.0).clamp(0, 1)
 
 
+class DenoisePGD(Attack):
+    """PGD ascent of the frozen model's denoising loss under the instance prompt (an AdvDM-style
+    protection written with ``benchbase.toolkit``): ``steps`` sign steps of ``step_size`` levels
+    inside the ``eps`` ball, from a random start. Adaptive: with ``adaptive = true`` in a suite it
+    optimises through the cell's purifier chain and the defense's training prompt."""
+
+    class Params(Attack.Params):
+        eps: float = Field(8.0, ge=0)  # levels
+        step_size: float = Field(1.0, ge=0)  # levels
+        steps: int = Field(50, ge=0)
+
+    supports_adaptive = True
+
+    def protect(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
+        p = self.params
+        threat = threat_view(ctx)  # purifier chain (or None) and the prompts the victim trains with
+        models = ctx.models()
+        with torch.no_grad():
+            cond = models.encode_prompt([threat.prompts.instance] * len(images))
+
+        def loss(x: torch.Tensor) -> torch.Tensor:  # every draw from ctx.generator: reproducible
+            z = models.encode_images(x, sample=True, generator=ctx.generator)
+            return diffusion_loss(models, z, cond, ctx.generator)
+
+        x0 = images.to(ctx.device)
+        adv, losses = pgd(x0, loss, p.eps, p.step_size, p.steps, generator=ctx.generator, use_random_start=True,
+                          transform=threat.purify, progress=ctx.progress)
+        ctx.info.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+        return adv.cpu()
+
+
 class Median(Purifier):
-    """3x3 median filter (reflect padding)."""
+    """size × size median filter (reflect padding); ``size`` must be odd (a window centred on
+    each pixel keeps the image size; an even one would not)."""
 
     class Params(Params):
         size: int = Field(3, ge=1)
+
+        @field_validator("size")
+        @classmethod
+        def _odd(cls, size: int) -> int:
+            if size % 2 == 0:
+                raise ValueError(f"must be odd (a {size}×{size} window has no centre pixel and would change "
+                                 f"the image size); use {size - 1} or {size + 1}")
+            return size
 
     def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         k = self.params.size
