@@ -179,11 +179,12 @@ def dreambooth_steps(
     unet = unet if unet is not None else models.unet
     text_encoder = text_encoder if text_encoder is not None else models.text_encoder
     k = batch_size
-    ids = models.tokenize([prompts.instance] * k + ([prompts.class_] * k if prior is not None else []))
+    # each prompt is encoded once and repeated per image: [instance × k, class × k]
+    ids = models.tokenize([prompts.instance] + ([prompts.class_] if prior is not None else []))
     fixed_cond = None
     if not train_text_encoder:  # a frozen text encoder gives the same embedding every step
         with torch.no_grad():
-            fixed_cond = text_encoder(ids)[0]
+            fixed_cond = text_encoder(ids)[0].repeat_interleave(k, dim=0)
     use_autocast = autocast is not None and models.device.type == "cuda"
     unet.train()
     text_encoder.train(train_text_encoder)
@@ -212,7 +213,7 @@ def dreambooth_steps(
                 latents = models.encode_images(pixels, sample=True, generator=generator)
         with torch.enable_grad():  # also when the caller runs under no_grad
             with torch.autocast(models.device.type, dtype=autocast or torch.bfloat16, enabled=use_autocast):
-                cond = fixed_cond if fixed_cond is not None else text_encoder(ids)[0]
+                cond = fixed_cond if fixed_cond is not None else text_encoder(ids)[0].repeat_interleave(k, dim=0)
                 per_image = diffusion_loss(models, latents, cond, generator, unet=unet, reduction="none")
             loss = per_image[:k].mean()
             if prior is not None:
