@@ -41,17 +41,17 @@ def sample_identity(name: str = "astronaut", resolution: int = 64, images_per_se
 def make_context(
     backend=None, identity: IdentityData | None = None, seed: int = 0, store_dir: Path | None = None,
     prompts: Prompts | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-    manager=None,
+    plugins=None,
 ) -> Context:
     """A Context like the runner builds, with a store for shared stages in ``store_dir``
-    (a fresh temporary folder by default); ``manager``: the plugin registry ``ctx.create``
-    resolves names in (None: the process-wide one)."""
+    (a fresh temporary folder by default); ``plugins``: the plugin registry ``ctx.create``
+    and ``ctx.find_model`` resolve names in (None: the process-wide one)."""
     store = Store(Path(store_dir or tempfile.mkdtemp(prefix="benchbase-test-")))
     return Context(
         device=torch.device(device), dtype=dtype, seed=seed,
         generator=torch.Generator().manual_seed(seed), backend=backend, identity=identity,
         prompts=prompts or Prompts(), shared=SharedStages(store.shared_stage),
-        workdir=store.root / "work", manager=manager,
+        workdir=store.root / "work", plugins=plugins,
     )
 
 

@@ -217,7 +217,7 @@ def test_ensemble_backends_come_from_the_runs_registry(env):
     """E-ASPL builds its extra surrogates through ``ctx.create``: a name registered only in the
     run's own PluginManager resolves there, and is unknown to the process-wide registry."""
     from benchbase_plugins.attacks.aspl import ASPL
-    from benchbase_plugins.backends.stable_diffusion import TinyBackend
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
 
     from benchbase.errors import UnknownComponentError
     from benchbase.hookspecs import hookimpl
