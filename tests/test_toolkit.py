@@ -150,6 +150,60 @@ def test_denoise_targets_and_the_loss(prediction, identity):
         assert per_image.shape == (len(z),) and torch.allclose(per_image.mean(), loss)
 
 
+# -- diagnostics ------------------------------------------------------------------------------
+
+
+def test_objective_trace_records_and_thins():
+    from benchbase.toolkit import ObjectiveTrace, pgd
+
+    trace = ObjectiveTrace("distance", maximize=False)
+    g = torch.Generator().manual_seed(0)
+    x0, target = torch.rand(1, 3, 4, 4, generator=g), torch.rand(1, 3, 4, 4, generator=g)
+    _, losses = pgd(x0, lambda x: (x - target).pow(2).sum(), 8, 1, 7, maximize=False, trace=trace)
+    info = {}
+    trace.record(info)
+    assert info["objective"] == "distance (minimised)" and info["objective_points"] == "one per PGD step"
+    assert info["objective_trajectory"] == losses and len(losses) == 7
+
+    long = ObjectiveTrace("loss", maximize=True, per="step")
+    long.extend(range(1000))
+    long.record(info)
+    points = info["objective_trajectory"]
+    assert len(points) == 100 and points[0] == sum(range(10)) / 10 and points[-1] == sum(range(990, 1000)) / 10
+    assert info["objective"] == "loss (maximised)" and info["objective_points"].startswith("mean of 10 consecutive")
+    long.extend(range(5))  # 1005 values: 11 per point, the last point over what remains
+    long.record(info)
+    assert len(info["objective_trajectory"]) == 92 and info["objective_trajectory"][-1] == sum(
+        long.values[1001:]) / 4
+
+    chunked = ObjectiveTrace("loss", maximize=True)
+    chunked.extend_mean([[1.0, 2.0], [4.0, 8.0]], weights=[3, 1])  # two batches of 3 and 1 images
+    assert chunked.values == [1.75, 3.5]
+
+
+def test_dreambooth_steps_trace_the_instance_loss(tiny, identity):
+    """The trace holds the instance half's loss of every step (the total adds the prior term);
+    the record gives the mean of the last 10 steps and one mean per 10 steps."""
+    from benchbase.toolkit import ClassPrior, TrainingTrace, adamw, dreambooth_steps
+
+    models = tiny.load(torch.device("cpu"), torch.float32)
+    params = list(models.unet.parameters())
+    models.unet.requires_grad_(True)
+    trace = TrainingTrace()
+    prior = ClassPrior(sample_identity("hopper", 64, images_per_set=2).set_A, models, cache_latents=True)
+    losses = dreambooth_steps(models, params, adamw(params, lr=1e-4), identity.set_B, 23, Prompts(),
+                              torch.Generator().manual_seed(0), prior=prior, trace=trace)
+    assert len(trace) == 23 and all(0 < i < total for i, total in zip(trace.instance, losses))
+    info = {}
+    trace.record(info)
+    assert info["final_instance_loss"] == pytest.approx(sum(trace.instance[-10:]) / 10)
+    assert info["instance_loss_every"] == 10 and len(info["instance_loss_trajectory"]) == 3
+    assert info["instance_loss_trajectory"][2] == pytest.approx(sum(trace.instance[20:]) / 3)
+    empty = {}
+    TrainingTrace().record(empty)
+    assert empty == {"final_instance_loss": None, "instance_loss_trajectory": [], "instance_loss_every": 10}
+
+
 # -- LoRA ------------------------------------------------------------------------------------
 
 

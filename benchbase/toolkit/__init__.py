@@ -10,7 +10,9 @@
   ``save_lora``, ``merge_lora``);
 - :mod:`~benchbase.toolkit.dreambooth` — the DreamBooth step loop with prior preservation
   (``dreambooth_steps``, ``ClassPrior``), the shared ``class_images`` stage, ``generate_images``,
-  ``adamw``.
+  ``adamw``;
+- :mod:`~benchbase.toolkit.trace` — the diagnostics a stage records: an attack's objective
+  trajectory (``ObjectiveTrace``), a victim's loss on its instance images (``TrainingTrace``).
 
 Importing this package imports torch; ``import benchbase`` does not. See docs/toolkit.md.
 """
@@ -36,10 +38,33 @@ from benchbase.toolkit.lora import (
 )
 from benchbase.toolkit.pgd import eot_grad, pgd, project, random_start, sign_step
 from benchbase.toolkit.threat import ThreatView, threat_view
+from benchbase.toolkit.trace import ObjectiveTrace, TrainingTrace
 
 __all__ = [
-    "ClassPrior", "Denoised", "TEXT_ENCODER_TARGETS", "ThreatView", "UNET_TARGETS",
-    "adamw", "add_lora", "class_images", "denoise", "diffusion_loss", "dreambooth_steps", "eot_grad",
-    "fused_kwargs", "generate_images", "lora_parameters", "lora_state_dict", "merge_lora", "pgd", "project",
-    "random_start", "save_lora", "sign_step", "split_lora_state", "threat_view",
+    "TEXT_ENCODER_TARGETS",
+    "UNET_TARGETS",
+    "ClassPrior",
+    "Denoised",
+    "ObjectiveTrace",
+    "ThreatView",
+    "TrainingTrace",
+    "adamw",
+    "add_lora",
+    "class_images",
+    "denoise",
+    "diffusion_loss",
+    "dreambooth_steps",
+    "eot_grad",
+    "fused_kwargs",
+    "generate_images",
+    "lora_parameters",
+    "lora_state_dict",
+    "merge_lora",
+    "pgd",
+    "project",
+    "random_start",
+    "save_lora",
+    "sign_step",
+    "split_lora_state",
+    "threat_view",
 ]

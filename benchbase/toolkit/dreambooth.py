@@ -25,6 +25,7 @@ from benchbase.toolkit.diffusion import diffusion_loss
 if TYPE_CHECKING:
     from benchbase.components import Defense
     from benchbase.models.sd import SDModels
+    from benchbase.toolkit.trace import TrainingTrace
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def dreambooth_steps(
     ctx: Context | None = None,
     progress: Callable | None = None,
     desc: str = "dreambooth",
+    trace: TrainingTrace | None = None,
 ) -> list[float]:
     """``steps`` DreamBooth steps on ``images`` ((N, 3, H, W) in [0, 1]) with the instance prompt,
     plus the prior term on ``prior``'s class images with the class prompt; returns each step's loss.
@@ -173,8 +175,10 @@ def dreambooth_steps(
     ``train_one_epoch`` restarts at every call). ``autocast``: mixed precision on CUDA (bf16/fp16).
     ``defense``: its ``transform_batch`` sees each batch before encoding (keys ``instance_images``,
     ``instance_prompt``, ``step``, and ``class_images``, ``class_prompt`` with a prior) and its
-    ``extra_loss`` is added to the loss. Random draws from ``generator``, per step: the VAE
-    samples (instance, then class), the noise, the timesteps.
+    ``extra_loss`` is added to the loss. ``trace``: a :class:`~benchbase.toolkit.trace.TrainingTrace`
+    that gets each step's instance loss (the mean MSE of the instance half, without the prior and
+    defense terms; then ``trace.record(ctx.info)``). Random draws from ``generator``, per step: the
+    VAE samples (instance, then class), the noise, the timesteps.
     """
     unet = unet if unet is not None else models.unet
     text_encoder = text_encoder if text_encoder is not None else models.text_encoder
@@ -228,6 +232,8 @@ def dreambooth_steps(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if trace is not None:
+            trace.add(float(per_image[:k].detach().mean()))
     unet.eval()
     text_encoder.eval()
     return losses

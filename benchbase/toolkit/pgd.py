@@ -12,9 +12,12 @@ and calls :func:`pgd` (see docs/toolkit.md).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from benchbase.toolkit.trace import ObjectiveTrace
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,6 +71,7 @@ def pgd(
     transform: Transform | None = None,
     eot_samples: int = 1,
     progress: Callable | None = None,
+    trace: ObjectiveTrace | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Projected sign-gradient ascent (or descent) of ``loss_fn`` inside the L∞ ball of radius
     ``eps_levels``/255 around ``x0``.
@@ -76,9 +80,10 @@ def pgd(
     step index (PhotoGuard's decaying step). ``start`` continues from an existing perturbed batch
     (ASPL's outer loop); ``use_random_start`` starts from x0 + U(-eps, eps) drawn from
     ``generator``. ``transform`` and ``eot_samples``: the gradient of E_T[loss(T(x))]
-    (see :func:`eot_grad`). ``progress`` wraps the step range (``ctx.progress``). Returns the
-    perturbed batch (float, not yet quantised: the core quantises it to 8 bits within the
-    budget) and the loss at each step.
+    (see :func:`eot_grad`). ``progress`` wraps the step range (``ctx.progress``). ``trace``: an
+    :class:`~benchbase.toolkit.trace.ObjectiveTrace` that gets each step's loss (then
+    ``trace.record(ctx.info)``). Returns the perturbed batch (float, not yet quantised: the core
+    quantises it to 8 bits within the budget) and the loss at each step (before that step's update).
     """
     eps = eps_levels / 255.0
     x = start.detach().clone() if start is not None else x0.detach().clone()
@@ -93,4 +98,6 @@ def pgd(
         alpha = (alpha_levels(i) if callable(alpha_levels) else alpha_levels) / 255.0
         x = sign_step(x, x0, grad, alpha, eps, maximize)
         losses.append(loss)
+        if trace is not None:
+            trace.add(loss)
     return x.detach(), losses
