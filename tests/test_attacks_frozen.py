@@ -68,10 +68,12 @@ def _png_roundtrip(images, folder):
     return load_pngs(folder)
 
 
-def _protect(env, attack, seed=0, threat=None):
+def _protect(env, attack, seed=0, threat=None, info=None):
     ctx = make_context(backend=env["backend"], identity=env["identity"], seed=seed, store_dir=env["tmp"] / "store")
     ctx.threat = threat
     adv = attack.protect(env["clean"].clone(), ctx)
+    if info is not None:
+        info.update(ctx.info)
     return quantize_to_budget(adv, env["clean"], attack.eps, mode=attack.params.quantization)
 
 
@@ -81,7 +83,8 @@ def _run(env, name):
         from benchbase_plugins.attacks.baseline import UniformNoise
 
         attack = _cases()[name]()
-        adv = _png_roundtrip(_protect(env, attack), env["tmp"] / name)
+        env.setdefault("info", {})[name] = info = {}
+        adv = _png_roundtrip(_protect(env, attack, info=info), env["tmp"] / name)
         noise = UniformNoise(eps=attack.eps)
         noisy = _png_roundtrip(_protect(env, noise), env["tmp"] / f"{name}-noise")
         env["runs"][name] = (attack, adv, noisy)
@@ -167,6 +170,23 @@ def test_budget_holds_after_png(env, name):
     bound = math.floor(attack.eps + 1e-6)
     dist = linf_levels(adv, env["clean"])
     assert 0 < dist <= bound, f"{name}: saved L∞ {dist} levels, budget {bound}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_trajectory_is_recorded(env, name):
+    """One objective value per PGD step, named with its direction (+: ascent, −: descent)."""
+    attack, _, _ = _run(env, name)
+    info = env["info"][name]
+    trajectory = info["objective_trajectory"]
+    assert len(trajectory) == attack.params.steps and all(math.isfinite(v) for v in trajectory)
+    maximised = name in ("advdm+", "sds+")
+    assert info["objective"].endswith("(maximised)" if maximised else "(minimised)")
+    assert info["objective_points"] == "one per PGD step"
+    if name.startswith("photoguard"):  # the raw loss of the one batch: starts at its first step's
+        assert trajectory[0] == pytest.approx(info["loss_first"][0]) and trajectory[-1] == pytest.approx(
+            info["loss_last"][0])
+    if name.startswith("advdm"):  # the per-image loss
+        assert trajectory[0] == pytest.approx(info["loss_per_image_first"][0])
 
 
 @pytest.mark.parametrize("name", NAMES)

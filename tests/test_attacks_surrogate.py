@@ -111,6 +111,24 @@ def test_budget_holds_after_png_round_trip(env, name, tmp_path):
     assert dist >= 1  # it did perturb
 
 
+# one objective value per outer iteration (ASPL, SimAC: max_train_steps; MetaCloak: trials × pool
+# states × rounds), per PGD step (FSMG) or per joint step (CAAT), for the _cases() settings
+TRAJECTORY = {"aspl": 3, "simac": 3, "fsmg": 24, "metacloak": 1 * 2 * 2, "caat": 20}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_trajectory_is_recorded(env, name):
+    _, _, ctx = _run(env, name)
+    info = ctx.info
+    trajectory = info["objective_trajectory"]
+    assert len(trajectory) == TRAJECTORY[name] and all(math.isfinite(v) for v in trajectory)
+    assert info["objective"].endswith("(maximised)") and "L_DM" in info["objective"]
+    first = {"fsmg": "fsmg_pgd_loss_first", "caat": "caat_loss_first"}.get(name)
+    if first:  # one value per step: the trajectory starts at the first step's loss
+        assert trajectory[0] == pytest.approx(info[first])
+        assert info["objective_points"].startswith("one per")
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_bytes(env, name):
     outs = []

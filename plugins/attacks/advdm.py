@@ -10,7 +10,7 @@ from benchbase_plugins.attacks._frozen import chunks, frozen_setup, semantic_los
 from pydantic import Field
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import pgd, threat_view
+from benchbase.toolkit import ObjectiveTrace, pgd, threat_view
 
 
 class AdvDM(Attack):
@@ -51,8 +51,10 @@ class AdvDM(Attack):
                               maximize=p.sign == "+", transform=view, progress=ctx.progress)
             out.append(adv)
             trace.append([loss / len(adv) for loss in losses])  # the loss is a per-image sum
-        ctx.info.update(objective=f"denoising loss ({'ascent' if p.sign == '+' else 'descent'})",
-                        prompt=p.prompt, adaptive=view is not None,
+        objective = ObjectiveTrace("denoising loss L_DM of the frozen model, per image", maximize=p.sign == "+")
+        objective.extend_mean(trace, weights=[len(a) for a in out])  # over the chunks: the batch's mean
+        objective.record(ctx.info)
+        ctx.info.update(prompt=p.prompt, adaptive=view is not None,
                         loss_per_image_first=[t[0] for t in trace if t],
                         loss_per_image_last=[t[-1] for t in trace if t])
         return torch.cat(out)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context, Prompts
-from benchbase.toolkit import ClassPrior, denoise, pgd, threat_view
+from benchbase.toolkit import ClassPrior, ObjectiveTrace, denoise, pgd, threat_view
 
 from ._precision import weights_precision
 from ._surrogate import (
@@ -100,6 +100,11 @@ class ASPL(Attack):
 
     # -- losses -----------------------------------------------------------------------------
 
+    def _objective(self) -> str:
+        """What the PGD ascends, in words (``ctx.info["objective"]``)."""
+        text = "surrogate denoising loss L_DM of the protected set_B"
+        return text + (" minus the targeted term" if self.params.target_image else "")
+
     def _timesteps(self, member: Member, n: int, ctx: Context) -> torch.Tensor | None:
         return None  # U{0..T-1} per image
 
@@ -154,15 +159,22 @@ class ASPL(Attack):
             self._prepare(m, x0, m.surrogate.encode_prompts([prompts.instance] * len(x0)), ctx)
         x = x0.clone()
         first = last = None
+        trace = ObjectiveTrace(self._objective(), maximize=True,
+                               per=f"outer iteration: the mean loss of its {p.max_adv_train_steps} PGD steps"
+                                   + (" over the ensemble's surrogates" if len(members) > 1 else ""))
         for _ in ctx.progress(range(p.max_train_steps), desc=self.method, leave=False):
-            outs = []
+            outs, seen = [], []
             for m in members:
                 x_j, losses = self._iteration(m, set_A, x0, x, prompts, ctx, purify)
                 outs.append(x_j)
+                seen.extend(losses)
                 if losses:
                     first = losses[0] if first is None else first
                     last = losses[-1]
+            if seen:
+                trace.add(sum(seen) / len(seen))
             x = outs[0] if len(outs) == 1 else torch.stack(outs).mean(0)
+        trace.record(ctx.info)
         ctx.info.update({f"{self.method}_pgd_loss_first": first, f"{self.method}_pgd_loss_last": last,
                          "surrogate_dtype": str(members[0].models.dtype).removeprefix("torch."),
                          "surrogates": len(members), "targeted": p.target_image is not None,

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import denoise, sign_step, threat_view
+from benchbase.toolkit import ObjectiveTrace, denoise, sign_step, threat_view
 
 from ._surrogate import Surrogate, load_models
 
@@ -74,6 +74,10 @@ class CAAT(Attack):
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         s.unet.eval()
+        trace = ObjectiveTrace("denoising loss L_DM of the protected set_B with the cross-attention K/V trained "
+                               "alongside", maximize=True, per="joint step (one image step and one K/V update)")
+        trace.extend(losses)
+        trace.record(ctx.info)
         ctx.info.update(caat_loss_first=losses[0] if losses else None, caat_loss_last=losses[-1] if losses else None,
                         caat_prompt=prompt, trainable_kv_params=sum(t.numel() for t in s.params),
                         adaptive=ctx.threat is not None)

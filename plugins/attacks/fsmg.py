@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import denoise, pgd, threat_view
+from benchbase.toolkit import ObjectiveTrace, denoise, pgd, threat_view
 
 from ._precision import weights_precision
 from ._surrogate import (
@@ -126,7 +126,10 @@ class FSMG(Attack):
                 loss = loss - targeted_term(models, out, target, ctx.generator)
             return loss
 
-        x, losses = pgd(x0, loss_fn, p.eps, p.pgd_alpha, p.max_adv_train_steps, progress=ctx.progress)
+        trace = ObjectiveTrace("denoising loss L_DM of the clean-trained surrogate θ* on the protected set_B"
+                               + (" minus the targeted term" if target is not None else ""), maximize=True)
+        x, losses = pgd(x0, loss_fn, p.eps, p.pgd_alpha, p.max_adv_train_steps, progress=ctx.progress, trace=trace)
+        trace.record(ctx.info)
         ctx.info.update(fsmg_pgd_loss_first=losses[0] if losses else None,
                         fsmg_pgd_loss_last=losses[-1] if losses else None,
                         targeted=target is not None, adaptive=ctx.threat is not None)

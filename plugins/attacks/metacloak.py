@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import denoise, pgd, threat_view
+from benchbase.toolkit import ObjectiveTrace, denoise, pgd, random_start, threat_view
 
 from ._precision import DTYPES, cast_for, weights_precision
 from ._surrogate import (
@@ -180,10 +180,13 @@ class MetaCloak(Attack):
         transform = eot if purify is None else (lambda v: eot(purify(v)))
         x = x0.clone()
         if p.random_start:
-            noise = (torch.rand(x0.shape, generator=ctx.generator) * 2 - 1) * (p.eps / 255)
-            x = (x0 + noise.to(x0.device)).clamp(0, 1)
+            x = random_start(x0, p.eps / 255, ctx.generator)
         rounds = max(1, p.pool_interval // p.advance_steps)
         first = last = None
+        trace = ObjectiveTrace(
+            "surrogate denoising loss L_DM of the protected set_B under blur + flip (EOT)", maximize=True,
+            per=f"round (a PGD phase on a pool state, then training): the mean loss of its "
+                f"{p.defense_pgd_step_num} PGD steps")
         outer = ctx.progress(range(p.total_trial_num * len(pool)), desc="metacloak", leave=False)
         for k in outer:
             s.load_state({n: v.to(ctx.device) for n, v in pool[k % len(pool)].items()})
@@ -195,8 +198,10 @@ class MetaCloak(Attack):
                 if losses:
                     first = losses[0] if first is None else first
                     last = losses[-1]
+                    trace.add(sum(losses) / len(losses))
                 train_on = x if purify is None else purify(x).detach()
                 self._train(s, train_on, p.advance_steps, prompts, ctx, cl)
+        trace.record(ctx.info)
         ctx.info.update(metacloak_pool_states=len(pool), metacloak_pgd_loss_first=first,
                         metacloak_pgd_loss_last=last, adaptive=ctx.threat is not None,
                         surrogate_dtype=str(models.dtype).removeprefix("torch."),

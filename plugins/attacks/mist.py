@@ -16,7 +16,7 @@ from benchbase_plugins.attacks._frozen import (
 )
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import pgd, threat_view
+from benchbase.toolkit import ObjectiveTrace, pgd, threat_view
 
 
 class Mist(Attack):
@@ -69,13 +69,19 @@ class Mist(Attack):
                 loss = loss - p.rate * semantic_loss(models, x, cond, gen)
             return loss
 
-        out, last = [], []
+        out, last, runs = [], [], []
         for part in chunks(len(images), p.batch_size):
             adv, losses = pgd(images[part].to(ctx.device), loss_fn, p.eps, p.step_size, p.steps,
                               generator=gen, use_random_start=p.random_start, maximize=False,
                               transform=view, progress=ctx.progress)
             out.append(adv)
             last.extend(losses[-1:])
-        ctx.info.update(objective=f"mist {p.mode} (minimised)", prompt=p.prompt, adaptive=view is not None,
+            runs.append([loss / len(adv) for loss in losses])  # the loss is a per-image sum
+        what = {"semantic": "minus the denoising loss L_DM", "textural": "textural loss ‖z(x) − z(target)‖²",
+                "fused": f"textural loss ‖z(x) − z(target)‖² minus {p.rate:g} × the denoising loss L_DM"}[p.mode]
+        objective = ObjectiveTrace(f"mist {p.mode}: {what}, per image", maximize=False)
+        objective.extend_mean(runs, weights=[len(a) for a in out])
+        objective.record(ctx.info)
+        ctx.info.update(prompt=p.prompt, adaptive=view is not None,
                         target_image=p.target_image or "bundled mist_target.png", loss_last=last)
         return torch.cat(out)

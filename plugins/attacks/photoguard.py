@@ -12,7 +12,7 @@ from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, loa
 
 from benchbase.components import Attack, Context
 from benchbase.errors import ConfigError
-from benchbase.toolkit import pgd
+from benchbase.toolkit import ObjectiveTrace, pgd
 
 # Native settings per mode, in 8-bit levels (the notebooks work in [−1, 1]: ×127.5).
 # encoder: the img2img notebook's ``pgd`` call (eps 0.06, step_size 0.02, iters 1000; uniform
@@ -96,7 +96,7 @@ class PhotoGuard(Attack):
         else:
             loss_fn, eot = self._diffusion_loss(models, res, ctx), int(self._native("grad_reps"))
 
-        out, first, last = [], [], []
+        out, first, last, runs = [], [], [], []
         for part in chunks(len(images), p.batch_size):
             adv, losses = pgd(images[part].to(ctx.device), loss_fn, self.eps, schedule, steps,
                               generator=ctx.generator, use_random_start=bool(self._native("random_start")),
@@ -105,8 +105,12 @@ class PhotoGuard(Attack):
             out.append(adv)
             first.extend(losses[:1])
             last.extend(losses[-1:])
-        ctx.info.update(objective=f"photoguard {p.mode}: distance to the {p.target} target (minimised)",
-                        loss_first=first, loss_last=last, eot_samples=eot)
+            runs.append(losses)
+        objective = ObjectiveTrace(f"photoguard {p.mode}: distance to the {p.target} target"
+                                   + (" (mean over the batches)" if len(runs) > 1 else ""), maximize=False)
+        objective.extend_mean(runs)
+        objective.record(ctx.info)
+        ctx.info.update(loss_first=first, loss_last=last, eot_samples=eot)
         return torch.cat(out)
 
     def _target_image(self, res: int, ctx: Context) -> torch.Tensor | None:

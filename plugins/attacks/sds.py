@@ -16,7 +16,7 @@ from benchbase_plugins.attacks._frozen import (
 )
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import denoise, project, random_start, threat_view
+from benchbase.toolkit import ObjectiveTrace, denoise, project, random_start, threat_view
 
 
 class SDS(Attack):
@@ -60,16 +60,17 @@ class SDS(Attack):
         g_dir = 1.0 if p.sign == "+" else -1.0
         eps, alpha = p.eps / 255.0, p.step_size / 255.0
 
-        out = []
-        norms = []
+        out, norms, runs = [], [], []
         for part in chunks(len(images), p.batch_size):
             x0 = images[part].to(ctx.device)
             x = x0.clone()
             if p.random_start:
                 x = random_start(x0, eps, ctx.generator)
+            runs.append([])
             for _ in ctx.progress(range(p.steps), desc="sds", leave=False):
-                g_x, norm = self._sds_grad(models, view, x, cond, ctx.generator, p.resample_for_backward)
+                g_x, norm, mse = self._sds_grad(models, view, x, cond, ctx.generator, p.resample_for_backward)
                 norms.append(norm)
+                runs[-1].append(mse)
                 direction = g_dir * g_x
                 if target is not None:
                     xt = x.detach().requires_grad_(True)
@@ -78,15 +79,21 @@ class SDS(Attack):
                     direction = direction * p.target_rate - g_tex
                 x = project(x.detach() + alpha * direction.sign(), x0, eps)
             out.append(x.detach())
-        ctx.info.update(objective=f"SDS{'T' if p.target else ''}({p.sign})", prompt=p.prompt,
+        # what the SDS step follows: the denoising loss (its gradient with the UNet Jacobian dropped)
+        objective = ObjectiveTrace(f"SDS{'T' if p.target else ''}({p.sign}): denoising loss L_DM at each step's draw",
+                                   maximize=p.sign == "+")
+        objective.extend_mean(runs, weights=[len(a) for a in out])
+        objective.record(ctx.info)
+        ctx.info.update(prompt=p.prompt,
                         adaptive=ctx.threat is not None and bool(ctx.threat.purifiers),
                         residual_norm_first=norms[0] if norms else None,
                         residual_norm_last=norms[-1] if norms else None)
         return torch.cat(out)
 
     @staticmethod
-    def _sds_grad(models, view, x, cond, generator, resample: bool) -> tuple[torch.Tensor, float]:
-        """(∂z/∂x)ᵀ(ε̂ − ε) for one random t per image; the UNet runs without grad."""
+    def _sds_grad(models, view, x, cond, generator, resample: bool) -> tuple[torch.Tensor, float, float]:
+        """(∂z/∂x)ᵀ(ε̂ − ε) for one random t per image; the UNet runs without grad. Also returns
+        ‖ε̂ − ε‖ and the mean squared residual (the denoising loss at this draw)."""
         x = x.detach().requires_grad_(True)
         z = models.encode_images(view(x), sample=True, generator=generator)
         n = len(z)
@@ -97,4 +104,4 @@ class SDS(Attack):
         if resample:
             z = models.encode_images(view(x), sample=True, generator=generator)
         (g_x,) = torch.autograd.grad(z, x, grad_outputs=residual)
-        return g_x, float(residual.float().norm())
+        return g_x, float(residual.float().norm()), float(residual.float().pow(2).mean())

@@ -96,6 +96,12 @@ class SimAC(ASPL):
 
     # -- 2. feature interference ---------------------------------------------------------------
 
+    def _objective(self) -> str:
+        text = super()._objective() + " at each image's selected timesteps"
+        if self.params.feature_loss == "gradient" and self.params.feature_weight:
+            text += f" plus {self.params.feature_weight:g} × the feature-interference MSE"
+        return text
+
     def _feature_modules(self, unet: torch.nn.Module) -> list[torch.nn.Module]:
         return [r.conv2 for r in unet.up_blocks[-1].resnets]  # SD: up_blocks[3].resnets[0..2]
 
