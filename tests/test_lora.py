@@ -92,6 +92,20 @@ def test_only_adapters_change(trained, te):
 
 
 @pytest.mark.parametrize("te", [False, True], ids=["unet", "unet+text_encoder"])
+def test_records_the_victims_loss_on_the_instance_images(trained, te):
+    """The LoRA victim records its loss on the instance images (prior term left out): the mean of
+    the last 10 steps and one mean per 10 steps, next to losses.json's total loss."""
+    import json
+
+    runs, _, _ = trained
+    info, folder, p = runs[te]["info"], runs[te]["folder"], runs[te]["p"].params
+    total = json.loads((folder / "losses.json").read_text())
+    assert len(total) == p.max_train_steps
+    assert len(info["instance_loss_trajectory"]) == -(-p.max_train_steps // 10) and info["instance_loss_every"] == 10
+    assert 0 < info["final_instance_loss"] < sum(total[-10:]) / len(total[-10:])  # the total adds the prior term
+
+
+@pytest.mark.parametrize("te", [False, True], ids=["unet", "unet+text_encoder"])
 def test_artifact_holds_only_small_adapters(trained, te, tmp_path):
     from safetensors.torch import load_file
 

@@ -198,6 +198,9 @@ def test_dreambooth_changes_weights_and_caches_class_images(tmp_path, tiny):
                     num_images_per_prompt=3, num_inference_steps=2, generation_batch_size=2)
     db.train(ident.set_B, ctx, Defense(), tmp_path / "model")
     assert (tmp_path / "model" / "unet").is_dir() and ctx.info["steps"] == 3
+    # the victim's loss on the instance images: mean of the last 10 (here all 3) steps, one value per 10
+    assert len(ctx.info["instance_loss_trajectory"]) == 1 and ctx.info["final_instance_loss"] > 0
+    assert ctx.info["final_instance_loss"] == pytest.approx(ctx.info["instance_loss_trajectory"][0])
     from safetensors.torch import load_file
 
     trained = load_file(next((tmp_path / "model" / "unet").glob("*.safetensors")))

@@ -19,7 +19,14 @@ from pydantic import Field
 
 from benchbase.components import Context, Defense, Params, Personalizer
 from benchbase.models.sd import SDModels
-from benchbase.toolkit import ClassPrior, class_images, dreambooth_steps, fused_kwargs, generate_images
+from benchbase.toolkit import (
+    ClassPrior,
+    TrainingTrace,
+    class_images,
+    dreambooth_steps,
+    fused_kwargs,
+    generate_images,
+)
 
 
 class DreamBooth(Personalizer):
@@ -112,17 +119,19 @@ class DreamBooth(Personalizer):
             # (DiffShortcut generates them before adding its suffix); training uses the defended one
             prior = ClassPrior(class_images(ctx, ctx.prompts.class_, p.num_class_images, p.class_inference_steps,
                                             p.class_guidance_scale).to(models.device))  # PNGs load on the CPU
+        trace = TrainingTrace()  # the loss on the instance images: did the victim fit them?
         losses = dreambooth_steps(
             models, trainable, optimizer, images, p.max_train_steps, prompts, ctx.generator,
             train_text_encoder=p.train_text_encoder, prior=prior, prior_loss_weight=p.prior_loss_weight,
             batch_size=p.train_batch_size, max_grad_norm=p.max_grad_norm,
             autocast={"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.mixed_precision),
-            defense=defense, ctx=ctx, progress=ctx.progress, desc=self.name or "dreambooth")
+            defense=defense, ctx=ctx, progress=ctx.progress, desc=self.name or "dreambooth", trace=trace)
         info = self.save_trained(models, out_dir)
         (out_dir / "losses.json").write_text(json.dumps(losses))
         ctx.info.update(optimizer=opt_name, steps=p.max_train_steps, **info,
                         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                         training_prompts={"instance": prompts.instance, "class": prompts.class_})
+        trace.record(ctx.info)  # final_instance_loss, instance_loss_trajectory
 
     def generate(self, model_dir: Path, ctx: Context, defense: Defense) -> dict[str, torch.Tensor]:
         p = self.params
