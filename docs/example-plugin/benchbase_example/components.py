@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from benchbase import Attack, Context, Params, Purifier
-from benchbase.toolkit import diffusion_loss, pgd, threat_view
+from benchbase.toolkit import ObjectiveTrace, diffusion_loss, pgd, threat_view
 
 
 class Checkerboard(Attack):
@@ -48,10 +48,11 @@ class DenoisePGD(Attack):
             z = models.encode_images(x, sample=True, generator=ctx.generator)
             return diffusion_loss(models, z, cond, ctx.generator)
 
-        x0 = images.to(ctx.device)
-        adv, losses = pgd(x0, loss, p.eps, p.step_size, p.steps, generator=ctx.generator, use_random_start=True,
-                          transform=threat.purify, progress=ctx.progress)
-        ctx.info.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+        # the objective at every PGD step, recorded in the protect stage's info for the report
+        trace = ObjectiveTrace("denoising loss L_DM of the frozen model", maximize=True)
+        adv, _ = pgd(images.to(ctx.device), loss, p.eps, p.step_size, p.steps, generator=ctx.generator,
+                     use_random_start=True, transform=threat.purify, progress=ctx.progress, trace=trace)
+        trace.record(ctx.info)  # objective, objective_trajectory, objective_points
         return adv.cpu()
 
 

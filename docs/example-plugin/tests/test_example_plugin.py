@@ -44,7 +44,15 @@ def test_denoise_pgd_raises_the_loss_more_than_noise_of_the_same_budget():
     identity = sample_identity(images_per_set=2)
     clean = identity.set_B
     attack = DenoisePGD(eps=8, step_size=2, steps=8)
-    adv = check_attack(attack, lambda: make_context(backend=backend, identity=identity))
+    contexts = []
+
+    def new_context():
+        contexts.append(make_context(backend=backend, identity=identity))
+        return contexts[-1]
+
+    adv = check_attack(attack, new_context)
+    info = contexts[0].info  # the objective at each of the 8 PGD steps, and what it is
+    assert len(info["objective_trajectory"]) == 8 and info["objective"] == "denoising loss L_DM of the frozen model (maximised)"
     noise = (clean + (torch.rand(clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 8 / 255).clamp(0, 1)
     models = backend.load(torch.device("cpu"), torch.float32)
     prompt = "a photo of sks person"
