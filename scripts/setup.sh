@@ -25,4 +25,5 @@ $PIP install --quiet --no-deps "codeformer-pip==0.0.4" "lpips==0.1.4"
 # only gdown (imported by their weight helpers) and its beautifulsoup4.
 $PIP install --quiet --no-deps "retina-face==0.0.19" "deepface==0.0.103" "gdown==6.5.1"
 $PIP install --quiet "beautifulsoup4>=4.12"
-.venv/bin/python -c "import benchbase, torch, diffusers, facenet_pytorch; print('benchbase', benchbase.__version__, '| torch', torch.__version__)"
+# peft (LoRA, benchbase.toolkit.lora) comes with the package's dependencies above; checked here
+.venv/bin/python -c "import benchbase, torch, diffusers, peft, facenet_pytorch; print('benchbase', benchbase.__version__, '| torch', torch.__version__, '| peft', peft.__version__)"
