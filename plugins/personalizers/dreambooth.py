@@ -1,4 +1,6 @@
-"""DreamBooth with prior preservation: the victim of every protection (algorithms.md §3.2–3.3).
+"""DreamBooth with prior preservation (Ruiz et al., "DreamBooth: Fine Tuning Text-to-Image Diffusion
+Models for Subject-Driven Generation", CVPR 2023; diffusers ``examples/dreambooth/train_dreambooth.py``):
+the victim of every protection. The step loop is ``benchbase.toolkit.dreambooth_steps``.
 
 Defaults follow the DiffShortcut/MetaCloak victim recipe on SD-2.1-base: UNet + text
 encoder trained, lr 5e-7 constant, 1000 steps, 1 instance + 1 class image per step,

@@ -4,7 +4,7 @@
 Defaults are the diffusers DreamBooth-LoRA example (examples/dreambooth/README.md, "Dreambooth
 with LoRA"): rank 4 with ``lora_alpha = rank`` (scale 1), adapters on the UNet attention
 projections ``to_q``/``to_k``/``to_v``/``to_out.0``, lr 1e-4 constant without warmup, 500
-steps, batch 1, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), grad clip 1.0, A ~ N(0, 1/rank) and
+steps, batch 1, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8), grad clip 1.0, A ~ N(0, 1/rank²) and
 B = 0 (the script's ``init_lora_weights="gaussian"``), text-encoder LoRA off
 (``--train_text_encoder``: q/k/v/out_proj of the CLIP attention, same lr). Prior preservation
 and generation follow this suite's DreamBooth victim (weight 1.0, 200 class images, 16 images
