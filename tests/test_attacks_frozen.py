@@ -189,6 +189,18 @@ def test_objective_trajectory_is_recorded(env, name):
         assert trajectory[0] == pytest.approx(info["loss_per_image_first"][0])
 
 
+def test_objective_trajectory_averages_the_batches(env):
+    """With ``batch_size`` the attack runs one PGD per batch; the trajectory is their mean per step."""
+    from benchbase_plugins.attacks.advdm import AdvDM
+
+    ctx = make_context(backend=env["backend"], identity=env["identity"], store_dir=env["tmp"] / "store")
+    AdvDM(steps=3, step_size=2.0, batch_size=2).protect(env["clean"].clone(), ctx)  # 4 images: 2 batches
+    first, last = ctx.info["loss_per_image_first"], ctx.info["loss_per_image_last"]
+    trajectory = ctx.info["objective_trajectory"]
+    assert len(first) == 2 and len(trajectory) == 3
+    assert trajectory[0] == pytest.approx(sum(first) / 2) and trajectory[-1] == pytest.approx(sum(last) / 2)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_same_seed_same_bytes(env, name):
     _, adv, _ = _run(env, name)

@@ -107,7 +107,7 @@ class PhotoGuard(Attack):
             last.extend(losses[-1:])
             runs.append(losses)
         objective = ObjectiveTrace(f"photoguard {p.mode}: distance to the {p.target} target"
-                                   + (" (mean over the batches)" if len(runs) > 1 else ""), maximize=False)
+                                   + (", mean over the batches" if len(runs) > 1 else ""), maximize=False)
         objective.extend_mean(runs)
         objective.record(ctx.info)
         ctx.info.update(loss_first=first, loss_last=last, eot_samples=eot)
