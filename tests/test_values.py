@@ -51,7 +51,10 @@ def registered_params() -> list[tuple[str, str, type]]:
 
 def _required(params_cls) -> dict:
     """Values for required fields (e.g. the folder dataset's root) so only the field under test fails."""
-    return {name: "x" for name, info in params_cls.model_fields.items() if info.is_required()}
+    def value(info):  # a valid value of the field's type: "x" for text, 1 for numbers
+        return 1 if info.annotation in (int, float) else "x"
+
+    return {name: value(info) for name, info in params_cls.model_fields.items() if info.is_required()}
 
 
 def _rejected(params_cls, field: str, value) -> bool:
