@@ -172,9 +172,9 @@ def run_one(name: str, full: bool, memory_options: bool, n_images: int) -> dict:
     import importlib
     import resource
 
-    import benchbase.toolkit.pgd as pgd_mod
     import torch
 
+    import benchbase.toolkit.pgd as pgd_mod
     from benchbase.testing import make_context, sample_identity, tiny_backend
 
     if full:

@@ -123,10 +123,9 @@ def _eval_loss(models, cond, images, draws: int = 8, timesteps=(50, 200, 400, 60
 
 
 def attack_effect(store: str, outer: int) -> dict:
+    from benchbase.images import linf_levels, quantize_to_budget
     from benchbase_plugins.attacks.aspl import ASPL
     from benchbase_plugins.attacks.baseline import UniformNoise
-
-    from benchbase.images import linf_levels, quantize_to_budget
 
     class Recorded(ASPL):
         def _iteration(self, member, *args, **kwargs):

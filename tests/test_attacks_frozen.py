@@ -281,8 +281,9 @@ def test_photoguard_decaying_step():
 
 
 def test_bundled_target_is_the_documented_pattern():
-    from benchbase_plugins.attacks._frozen import BUNDLED_TARGET, make_target_pattern
     from PIL import Image
+
+    from benchbase_plugins.attacks._frozen import BUNDLED_TARGET, make_target_pattern
 
     assert BUNDLED_TARGET.is_file() and BUNDLED_TARGET.stat().st_size < 100_000
     assert np.array_equal(np.asarray(Image.open(BUNDLED_TARGET).convert("RGB")), make_target_pattern())

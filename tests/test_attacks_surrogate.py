@@ -234,12 +234,11 @@ def test_targeted_and_ensemble_aspl_run(env, tmp_path):
 def test_ensemble_backends_come_from_the_runs_registry(env):
     """E-ASPL builds its extra surrogates through ``ctx.create``: a name registered only in the
     run's own PluginManager resolves there, and is unknown to the process-wide registry."""
-    from benchbase_plugins.attacks.aspl import ASPL
-    from benchbase_plugins.worlds.tiny.backend import TinyBackend
-
     from benchbase.errors import UnknownComponentError
     from benchbase.hookspecs import hookimpl
     from benchbase.plugins import PluginManager
+    from benchbase_plugins.attacks.aspl import ASPL
+    from benchbase_plugins.worlds.tiny.backend import TinyBackend
 
     class OnlyHere:
         @hookimpl
@@ -299,9 +298,8 @@ def test_metacloak_pool_points_and_eot():
 def test_adaptive_attacks_see_the_threat(env):
     """With ctx.threat, the loss is taken on the purifier's differentiable view and training uses
     the threat's prompts."""
-    from benchbase_plugins.attacks.caat import CAAT
-
     from benchbase.components import Prompts, Purifier, Threat
+    from benchbase_plugins.attacks.caat import CAAT
 
     calls = []
 

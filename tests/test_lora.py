@@ -39,10 +39,9 @@ def _plain_name(name: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tiny, tmp_path_factory):
     """LoRA trained twice: UNet only (default) and with text-encoder LoRA."""
+    from benchbase.components import Prompts
     from benchbase_plugins.defenses.basic import NoDefense
     from benchbase_plugins.personalizers.lora import DreamBoothLoRA
-
-    from benchbase.components import Prompts
 
     identity = sample_identity("astronaut", 64, images_per_set=2)
     root = tmp_path_factory.mktemp("lora")
@@ -149,10 +148,9 @@ def test_merged_adapters_equal_the_trained_wrappers(trained, tiny):
 
 def test_generation_uses_the_adapters(trained, tiny):
     """Same seeds, same prompts: the personalised model's images differ from the base model's."""
-    from benchbase_plugins.defenses.basic import NoDefense
-
     from benchbase.components import Prompts
     from benchbase.toolkit import generate_images
+    from benchbase_plugins.defenses.basic import NoDefense
 
     runs, _, identity = trained
     run = runs[True]

@@ -14,6 +14,10 @@ import re
 import numpy as np
 import pytest
 import torch
+
+from benchbase.components import MetricInputs, Prompts
+from benchbase.errors import WeightsUnavailableError
+from benchbase.testing import make_context, sample_identity
 from benchbase_plugins.metrics import clip as clip_metrics
 from benchbase_plugins.metrics import (
     distribution,
@@ -22,10 +26,6 @@ from benchbase_plugins.metrics import (
     fidelity,
     quality,
 )
-
-from benchbase.components import MetricInputs, Prompts
-from benchbase.errors import WeightsUnavailableError
-from benchbase.testing import make_context, sample_identity
 
 EXPECTED = {"fdfr", "ism", "ser-fiq", "brisque", "liqe", "clip-iqa", "clip-align", "psnr", "ssim", "lpips",
             "linf", "fid", "ref-rmse", "latent-shift"}

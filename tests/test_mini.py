@@ -150,10 +150,9 @@ def test_upscaler_reparametrisation_is_exact(tmp_path):
 
 
 def test_mini_backend_generates_portraits_the_world_detects():
+    from benchbase.toolkit import generate_images
     from benchbase_plugins.worlds.mini.backend import MiniBackend
     from benchbase_plugins.worlds.mini.roles import MiniDetector
-
-    from benchbase.toolkit import generate_images
 
     backend = MiniBackend()
     assert backend.fingerprint().startswith("mini-") and backend.default_models["face-detector"] == "mini"

@@ -1,9 +1,7 @@
 """``benchbase report``: HTML/plot builders, a tiny run's report checked by structure, and the
 same report rendered in headless Chromium (skipped only where Chromium or selenium is absent)."""
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import threading

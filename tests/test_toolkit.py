@@ -103,10 +103,9 @@ def test_eot_grad_averages_over_transform_draws():
 
 
 def test_threat_view_without_and_with_a_threat():
+    from benchbase.toolkit import threat_view
     from benchbase_plugins.defenses.cdl import CDL
     from benchbase_plugins.purifiers.classic import GaussianBlur
-
-    from benchbase.toolkit import threat_view
 
     ctx = make_context()
     view = threat_view(ctx)
@@ -321,12 +320,12 @@ def test_dreambooth_steps_equal_the_reference_loop(cached, tiny, identity):
 
 def test_personalizer_and_surrogate_run_the_same_steps(tiny, identity, tmp_path):
     """The DreamBooth victim and an attack's surrogate, given one recipe, train the same weights."""
-    from benchbase_plugins.attacks._surrogate import Surrogate
-    from benchbase_plugins.defenses.basic import NoDefense
-    from benchbase_plugins.personalizers.dreambooth import DreamBooth
     from safetensors.torch import load_file
 
     from benchbase.toolkit import ClassPrior, class_images
+    from benchbase_plugins.attacks._surrogate import Surrogate
+    from benchbase_plugins.defenses.basic import NoDefense
+    from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
     recipe = dict(max_train_steps=3, learning_rate=1e-3, num_class_images=2, class_inference_steps=2,
                   max_grad_norm=1.0)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from benchbase_plugins.attacks._frozen import chunks, frozen_setup, semantic_loss
 from pydantic import Field
 
 from benchbase.components import Attack, Context
 from benchbase.toolkit import ObjectiveTrace, pgd, threat_view
+from benchbase_plugins.attacks._frozen import chunks, frozen_setup, semantic_loss
 
 
 class AdvDM(Attack):

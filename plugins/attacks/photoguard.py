@@ -8,11 +8,11 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, load_target
 
 from benchbase.components import Attack, Context
 from benchbase.errors import ConfigError
 from benchbase.toolkit import ObjectiveTrace, pgd
+from benchbase_plugins.attacks._frozen import chunks, enable_memory_options, load_target
 
 # Native settings per mode, in 8-bit levels (the notebooks work in [−1, 1]: ×127.5).
 # encoder: the img2img notebook's ``pgd`` call (eps 0.06, step_size 0.02, iters 1000; uniform

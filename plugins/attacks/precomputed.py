@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from benchbase.components import Attack, Context, IdentityData, Params
+from benchbase.components import Attack, Context, IdentityData
 from benchbase.errors import ConfigError, DataError
 from benchbase.images import IMAGE_SUFFIXES, pil_to_tensor, save_pngs
 

@@ -7,6 +7,9 @@ from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
+
+from benchbase.components import Attack, Context
+from benchbase.toolkit import ObjectiveTrace, denoise, project, random_start, threat_view
 from benchbase_plugins.attacks._frozen import (
     chunks,
     frozen_setup,
@@ -14,9 +17,6 @@ from benchbase_plugins.attacks._frozen import (
     target_latent,
     textural_loss,
 )
-
-from benchbase.components import Attack, Context
-from benchbase.toolkit import ObjectiveTrace, denoise, project, random_start, threat_view
 
 
 class SDS(Attack):

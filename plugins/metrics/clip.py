@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from benchbase.components import Context, Metric, MetricInputs, MetricValue, Params
-from benchbase.records import FigureSpec
 from benchbase.errors import WeightsUnavailableError
 from benchbase.images import to_uint8
+from benchbase.records import FigureSpec
 
 from ._common import aggregate, check, image_groups
 

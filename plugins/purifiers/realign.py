@@ -39,8 +39,8 @@ from pydantic import Field, field_validator
 
 from benchbase.components import Context, Params, Purifier
 from benchbase.errors import ConfigError, WeightsUnavailableError
-from benchbase.records import FigureSpec
 from benchbase.images import from_uint8, to_uint8
+from benchbase.records import FigureSpec
 
 from ._common import resize
 from .upscale import UPSCALER, SuperResolution, pil_resize, upscale

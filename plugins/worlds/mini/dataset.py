@@ -45,7 +45,8 @@ class MiniDataset(Dataset):
         return list(ids)
 
     def load(self, identity: str, resolution: int) -> IdentityData:
-        from .portraits import SIZE, identity as make_identity, render
+        from .portraits import SIZE, render
+        from .portraits import identity as make_identity
 
         if resolution != SIZE:
             raise DataError(f"mini dataset: portraits are {SIZE} px; the backend wants {resolution} px "

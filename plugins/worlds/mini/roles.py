@@ -50,11 +50,11 @@ class MiniDetector:
         logit, box, lm = self.net(x)
         side = x.shape[-1]
         out = []
-        for p, b, l in zip(torch.sigmoid(logit), box, lm):
+        for p, b, marks in zip(torch.sigmoid(logit), box, lm):
             if p < self.threshold:
                 out.append([])
                 continue
-            out.append([Face(tuple(float(v) * side for v in b), float(p), l.double().numpy() * side)])
+            out.append([Face(tuple(float(v) * side for v in b), float(p), marks.double().numpy() * side)])
         return out
 
 

@@ -66,7 +66,7 @@ def log(msg: str) -> None:
 
 def _render_chunk(args):
     names, k = args
-    imgs, boxes, lms, caps, ids = [], [], [], [], []
+    imgs, boxes, lms, caps = [], [], [], []
     for name in names:
         ident = P.identity(name)
         for s in range(k):

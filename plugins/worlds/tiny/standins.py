@@ -18,7 +18,6 @@ Random weights: outputs test the code paths, not purification quality.
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import json
 import os
