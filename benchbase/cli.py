@@ -198,6 +198,38 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
 
 
 @main.command()
+@click.argument("suite", required=False)
+@click.option("--device", "device_name", help="Device table of the cost model (default: the one measured for the "
+                                                "suite's backend; `--list-devices` names them).")
+@click.option("--costs", type=click.Path(path_type=Path, dir_okay=False),
+              help="A cost table merged over the built-in one (your device's benchmarks/step_costs.py output).")
+@click.option("--identities", type=click.IntRange(1), help="Plan N stand-in identities instead of reading the "
+                                                            "dataset (a dataset you do not have here).")
+@click.option("--images", type=click.IntRange(1), help="Images per set with --identities (default 4, the "
+                                                        "Anti-DreamBooth sets).")
+@click.option("--store", type=click.Path(path_type=Path, file_okay=False),
+              help="Leave out stages already in this store (what is left of a run).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--list-devices", is_flag=True, help="List the cost table's devices and stop.")
+def estimate(suite: str | None, device_name: str | None, costs: Path | None, identities: int | None,
+             images: int | None, store: Path | None, as_json: bool, list_devices: bool):
+    """Estimate what running SUITE costs: unique stages of each kind after sharing, and the time
+    per stage kind and in total on a device, from measured per-step costs (benchbase/costs.toml)."""
+    from benchbase import estimate as cost_model
+
+    if list_devices:
+        for name, table in cost_model.load_costs(costs).get("devices", {}).items():
+            click.echo(f"{name}\t{', '.join(table.get('backends', []))}\t{table.get('description', '')}")
+        return
+    from benchbase.suite import load_suite
+
+    spec = load_suite(suite)
+    est = cost_model.estimate(spec, device=device_name, costs_file=costs, identities=identities, store=store,
+                              images=images)
+    click.echo(json.dumps(est.to_json(), indent=1) if as_json else cost_model.render(est))
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def status(run_dir: Path):
     """Show the progress of a run (also while it is running)."""

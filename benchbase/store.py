@@ -312,6 +312,7 @@ class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
         self.executed: Counter = Counter()  # stages computed by this process
         self.cached: Counter = Counter()  # stages found complete
         self._local = threading.local()
@@ -323,7 +324,8 @@ class Store:
         return self.root / str(stage) / key[:2] / key
 
     def done(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / DONE).is_file()
+        # plain strings, not Path joins: planning a large grid asks this for every stage
+        return os.path.isfile(os.path.join(self._root, str(stage), key[:2], key, DONE))
 
     def meta(self, stage: str, key: str) -> StageMeta:
         return StageMeta.from_json(json.loads((self.path(stage, key) / DONE).read_text()))

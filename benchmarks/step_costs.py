@@ -34,6 +34,7 @@ Units (the names ``costs.toml`` uses; "per latent" = one image's latent at the r
 - ``pixel_fwd``: guided-diffusion 256 UNet forward per 256-px window
 - ``lpips_grad_x``: VGG-16 features forward+backward per image (LPIPS)
 - ``save_unet``: writing the fine-tuned UNet + text encoder (safetensors) to local disk
+- ``model_load`` (mini, tiny): loading the backend's models (what each model-using stage starts with)
 
 P is the precision the op ran in: ``fp32`` (pure fp32 weights, torch's default matmul settings),
 ``bf16`` / ``fp16`` (pure half weights), ``amp_bf16`` (fp32 weights, bf16 autocast).
@@ -272,6 +273,8 @@ def measure(shape: str, device: str, repeats: int, precisions: list[str], extras
         ops["save_unet"] = once(lambda: save_file(state, str(Path(tmp) / "m.safetensors")), warmup=0)
     del state
 
+    if extras and shape != "sd21":
+        ops.update(world_extras(shape, device, timer, res, t))
     if extras and shape == "sd21":
         del unet, text
         if device.startswith("cuda"):
@@ -303,6 +306,50 @@ def measure(shape: str, device: str, repeats: int, precisions: list[str], extras
             torch.autograd.grad(vgg(xx).pow(2).mean(), xx)
 
         ops["lpips_grad_x"] = timer(lp)
+    return ops
+
+
+def world_extras(shape: str, device: str, timer: Timer, res: int, t: torch.Tensor) -> dict:
+    """The upscaler, pixel model and LPIPS a world registers for its roles (``benchbase ls models``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+
+    from benchbase.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    ops = {}
+    backend = pm.create("backends", shape, {})
+    ops["model_load"] = timer(lambda: backend.load(torch.device(device), torch.float32))
+    folder = Path(pm.find_model("x4-upscaler", shape).load()(shape))
+    up = UNet2DConditionModel.from_pretrained(folder / "unet").to(device).requires_grad_(False)
+    up_vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).requires_grad_(False)
+    hidden = up.config.cross_attention_dim
+    for low in (res // 4, res):  # the purifiers' bottleneck (128 px at 512, scaled), and the full image
+        z = torch.randn(2, up.config.in_channels, low, low, device=device)
+        c = torch.randn(2, 77, hidden, device=device)
+        lvl = torch.full((2,), 20, device=device)
+        with torch.no_grad():
+            ops[f"upscale_step.{low}"] = timer(lambda: up(z, t[:2], c, class_labels=lvl).sample)
+            ops[f"upscale_dec.{low}"] = timer(lambda: up_vae.decode(torch.randn(1, 4, low, low, device=device)).sample)
+    try:
+        px_folder = Path(pm.find_model("pixel-diffusion", shape).load()(shape))
+        px = UNet2DModel.from_pretrained(px_folder / "unet").to(device).requires_grad_(False)
+        size = px.config.sample_size
+        side = int(size[0] if isinstance(size, (list, tuple)) else size)
+        w = torch.randn(8, 3, side, side, device=device)
+        with torch.no_grad():
+            ops["pixel_fwd"] = timer(lambda: px(w, t[:8]).sample, per=8)
+    except Exception as exc:  # a world without a pixel model (mini)
+        print(f"# no pixel-diffusion model for {shape}: {type(exc).__name__}", file=sys.stderr)
+    try:
+        lpips = pm.find_model("lpips", shape).load()(shape, torch.device(device))
+
+        def lp():
+            a = torch.rand(1, 3, res, res, device=device, requires_grad=True)
+            torch.autograd.grad(lpips(a * 2 - 1, torch.zeros_like(a)).sum(), a)
+
+        ops["lpips_grad_x"] = timer(lp)
+    except Exception as exc:
+        print(f"# no lpips model for {shape}: {type(exc).__name__}", file=sys.stderr)
     return ops
 
 
