@@ -273,14 +273,17 @@ def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
 @click.option("--store", type=click.Path(path_type=Path), help="The artifact store the run used (default: RUN_DIR/store).")
 @click.option("--thumb-size", default=128, show_default=True, type=click.IntRange(16, 1024), help="Thumbnail side in px.")
 @click.option("--max-samples", default=8, show_default=True, type=click.IntRange(1), help="Generated images shown per prompt.")
+@click.option("--max-cells", default=500, show_default=True, type=click.IntRange(1),
+              help="Cells with image grids (a larger grid gets a note: tens of thousands of thumbnails take minutes).")
 @click.option("--serve", "serve_", is_flag=True, help="Then serve it on http://127.0.0.1:PORT until Ctrl-C.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port for --serve (0: any free one).")
 def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: int, max_samples: int,
-               serve_: bool, port: int):
+               max_cells: int, serve_: bool, port: int):
     """Write a static HTML report of a run (tables, image grids, plots) that opens from disk."""
     from benchbase import report
 
-    index = report.write(run_dir, out, store=store, thumb_size=thumb_size, max_samples=max_samples)
+    index = report.write(run_dir, out, store=store, thumb_size=thumb_size, max_samples=max_samples,
+                         max_cells=max_cells)
     click.echo(f"report: {index}")
     if serve_:
         report.serve(index, run_dir, port=port, store=store, echo=click.echo)

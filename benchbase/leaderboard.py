@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from benchbase.errors import DataError
-from benchbase.records import RunInfo, read_records, read_run_info
+from benchbase.records import RunInfo, read_records_and_rows, read_run_info
 from benchbase.store import atomic_write_text
 
 ROW = ["attack", "purifier", "defense", "personalizer"]
@@ -44,10 +44,10 @@ NAN = float("nan")
 def load_results(run_dir: Path) -> tuple[pd.DataFrame, RunInfo]:
     """The run's records as a DataFrame (one row per record) and its ``RunInfo``."""
     run_dir = Path(run_dir)
-    records = read_records(run_dir)
+    records, rows = read_records_and_rows(run_dir)
     if not records:
         raise DataError(f"{run_dir}/results.jsonl is empty: the run has not finished any cell yet")
-    return pd.DataFrame([r.to_json() for r in records]), read_run_info(run_dir) or RunInfo()
+    return pd.DataFrame(rows), read_run_info(run_dir) or RunInfo()
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,7 +290,10 @@ def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
 def build(run_dir: Path) -> dict[str, pd.DataFrame]:
     """The numeric views of a run (``contrasts`` when the suite defines some) plus ``_directions``
     (a one-row frame: metric -> "higher"/"lower")."""
-    df, info = load_results(run_dir)
+    return _views(*load_results(run_dir))
+
+
+def _views(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
     table, directions = cell_table(df)
     views = {"cells": table, "attacks": attacks_view(table, directions),
              "purifiers": purifiers_view(table, directions),
@@ -365,12 +368,14 @@ def render_cells(view: pd.DataFrame, directions: dict) -> Table:
     cols = [_text_column(c, view[c]) for c in ROW]
     for metric in _metric_names(view):
         col = Column(_label(metric, directions))
-        for _, r in view.iterrows():
-            status = r[f"{metric}|status"]
-            note = r.get(f"{metric}|note")
+        # columns, not iterrows (a grid of 10,000 cells)
+        missing = [None] * len(view)
+        means, cis = (view[f"{metric}|{k}"].tolist() if f"{metric}|{k}" in view else missing for k in ("mean", "ci95"))
+        notes = view[f"{metric}|note"].tolist() if f"{metric}|note" in view else missing
+        for status, mean, ci, note in zip(view[f"{metric}|status"].tolist(), means, cis, notes):
             note = note if isinstance(note, str) else None
             if status == "ok":
-                col.add(_mean_text(r[f"{metric}|mean"], r[f"{metric}|ci95"]), value=r[f"{metric}|mean"], note=note)
+                col.add(_mean_text(mean, ci), value=mean, note=note)
             else:
                 col.add(str(status), status=str(status), note=note)
         cols.append(col)
@@ -514,7 +519,7 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     df, info = load_results(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "leaderboard"
     out_dir.mkdir(parents=True, exist_ok=True)
-    views = build(run_dir)
+    views = _views(df, info)  # the records read once
     tables = render(views)
     parts = [header(info, df)]
     for name, table in tables.items():

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -154,19 +155,56 @@ def dumps_records(records: list[dict | Record]) -> str:
 
 def read_records(run_dir: Path) -> list[Record]:
     """The records of a run folder (a clear error if it has none)."""
+    return read_records_and_rows(run_dir, rows=False)[0]
+
+
+_REQUIRED = tuple(f.name for f in fields(Record) if f.default is MISSING and f.default_factory is MISSING)
+_DEFAULTS = {f.name: f.default for f in fields(Record) if f.default is not MISSING}
+_FACTORIES = {f.name: f.default_factory for f in fields(Record) if f.default_factory is not MISSING}
+
+
+#: what may parse as a non-finite float (NaN, Infinity, 1e999): such a line takes the exact path
+_NONFINITE = re.compile(r"NaN|Infinity|[-:\[, ]\d+(?:\.\d+)?[eE]\+?\d{3}")
+
+
+def _row(data: dict) -> dict | None:
+    """``Record.from_json(data).to_json()`` for a line with no non-finite number (nothing left
+    for ``strict`` to change), without the dataclass's deep copies; None when the line needs
+    the exact path (missing fields)."""
+    if not isinstance(data, dict) or any(k not in data for k in _REQUIRED):
+        return None
+    row = {}
+    for k in Record.ORDER:
+        v = data[k] if k in data else (_DEFAULTS[k] if k in _DEFAULTS else _FACTORIES[k]())
+        if k in ("per_prompt", "details", "stages") and not isinstance(v, dict):
+            v = {}
+        row[k] = v
+    return row
+
+
+def read_records_and_rows(run_dir: Path, rows: bool = True) -> tuple[list[Record], list[dict]]:
+    """The records of a run folder and, with ``rows``, each as ``Record.to_json()`` gives it (the
+    rows of a table: built straight from the parsed line, since deep-copying 100,000 records
+    took most of a leaderboard's time). A clear error if the folder has no records file, or a
+    line is not a record."""
     run_dir = Path(run_dir)
     path = run_dir / RESULTS
     if not path.is_file():
         raise DataError(f"{run_dir} has no {RESULTS}: is it a benchbase run folder? (run `benchbase run` first)")
-    out = []
+    out, table = [], []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append(Record.from_json(json.loads(line)))
+            data = json.loads(line)
+            rec = Record.from_json(data)
+            out.append(rec)
+            if rows:
+                row = None if _NONFINITE.search(line) else _row(data)
+                table.append(row if row is not None else rec.to_json())
         except (json.JSONDecodeError, TypeError) as exc:
             raise DataError(f"{path}:{n}: not a benchbase record ({exc})") from None
-    return out
+    return out, table
 
 
 # ---------------------------------------------------------------------------------------

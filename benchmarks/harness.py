@@ -1,5 +1,5 @@
 """Harness overhead at scale, with stand-in components that do almost no work
-(``benchmarks/harness_standins.py``), so what is measured is benchbase itself.
+(``benchmarks/harness_standins.py``, ``harness_components.py``), so what is measured is benchbase itself.
 
     python benchmarks/harness.py                       # 10,000 cells x 10 metrics = 100,000 records
     python benchmarks/harness.py --identities 10       # a 1,000-cell slice (quicker)
@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--purifiers", type=int, default=10)
     ap.add_argument("--metrics", type=int, default=10)
     ap.add_argument("--run-dir", type=Path, help="where the run goes (default: a temporary folder)")
-    ap.add_argument("--skip-run", action="store_true", help="reuse the run in --run-dir")
+    ap.add_argument("--skip-run", action="store_true", help="reuse the run in --run-dir (plan is skipped too)")
+    ap.add_argument("--skip-tables", action="store_true", help="stop after the run (no leaderboard/report)")
     ap.add_argument("--status-every", type=float, default=5.0)
     ap.add_argument("--tiny-cell-seconds", type=float, default=None,
                     help="seconds per cell of a tiny-backend run, for the overhead ratio")
@@ -103,15 +104,18 @@ def main(argv=None) -> int:
     root = args.run_dir or Path(tempfile.mkdtemp(prefix="bb-harness-"))
     root.mkdir(parents=True, exist_ok=True)
     suite = root / "harness.toml"
-    suite.write_text(suite_toml(args.identities, args.attacks, args.purifiers, args.metrics))
+    if not args.skip_run:
+        suite.write_text(suite_toml(args.identities, args.attacks, args.purifiers, args.metrics))
     cells = args.identities * args.attacks * args.purifiers
     results: dict = {"cells": cells, "records": cells * args.metrics, "load_before": os.getloadavg()[0]}
     print(f"suite: {cells} cells, {cells * args.metrics} records; run folder {root / 'run'}")
 
-    wall, rss, rc, out = timed([sys.executable, "-c", PLAN, str(suite), str(root / "plan-only")])
-    assert rc == 0, out
-    results["plan"] = {"seconds": round(wall, 2), "peak_rss_mb": round(rss), "detail": out.strip().splitlines()[-1]}
-    print(f"plan         {wall:8.1f} s  {rss:7.0f} MiB   {out.strip().splitlines()[-1]}")
+    if not args.skip_run:
+        wall, rss, rc, out = timed([sys.executable, "-c", PLAN, str(suite), str(root / "plan-only")])
+        assert rc == 0, out
+        results["plan"] = {"seconds": round(wall, 2), "peak_rss_mb": round(rss),
+                           "detail": out.strip().splitlines()[-1]}
+        print(f"plan         {wall:8.1f} s  {rss:7.0f} MiB   {out.strip().splitlines()[-1]}")
 
     run_dir = root / "run"
     if not args.skip_run:
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
             print(f"overhead     {100 * ratio:.2f} % of a tiny-backend cell ({args.tiny_cell_seconds} s)")
     n_records = sum(1 for _ in open(run_dir / "results.jsonl"))
     results["records_written"] = n_records
-    for name, cmd in (("status", cli("status", str(run_dir))),
+    for name, cmd in () if args.skip_tables else (("status", cli("status", str(run_dir))),
                       ("leaderboard", cli("leaderboard", str(run_dir), "--quiet")),
                       ("report", cli("report", str(run_dir)))):
         wall, rss, rc, out = timed(cmd)

@@ -144,3 +144,26 @@ def test_plan_keys_are_unchanged_by_memoising(tmp_path):
         assert fresh.stages.stage_keys(ident, cp.cell) == cp.stages
         for spec, key in zip(suite.metrics, cp.scores):
             assert fresh.stages.score(ident, cp.cell, spec).key == key
+
+
+def test_report_gallery_is_capped_with_a_note(tmp_path):
+    """A grid larger than --max-cells gets image grids for the first cells and a note, not
+    tens of thousands of thumbnails; the tables still have every cell."""
+    from benchbase import report
+    from benchbase.pipeline import Runner
+    from benchbase.suite import parse_suite
+
+    suite = parse_suite({"name": "cap", "backend": {"name": "tiny"},
+                         "dataset": {"name": "sample", "identities": ["astronaut"], "images_per_set": 1},
+                         "attacks": ["none", {"name": "noise", "eps": 4}], "purifiers": ["none", "jpeg"],
+                         "personalizers": [{"name": "dreambooth", "max_train_steps": 0, "num_class_images": 1,
+                                            "class_inference_steps": 1, "num_images_per_prompt": 1,
+                                            "num_inference_steps": 1}],
+                         "metrics": ["psnr"]})
+    Runner(suite, tmp_path, progress=False).run()
+    full = report.write(tmp_path, tmp_path / "full").read_text()
+    capped = report.write(tmp_path, tmp_path / "capped", max_cells=2).read_text()
+    assert "Image grids of the first" not in full
+    assert "Image grids of the first 2 of 4 cells" in capped
+    assert full.count('<details class="cell"') == 4 and capped.count('<details class="cell"') == 2
+    assert capped.count("<tr") == full.count("<tr")  # every cell in the tables
