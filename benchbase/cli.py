@@ -209,10 +209,11 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
                                                         "Anti-DreamBooth sets).")
 @click.option("--store", type=click.Path(path_type=Path, file_okay=False),
               help="Leave out stages already in this store (what is left of a run).")
+@click.option("--top", default=12, show_default=True, type=click.IntRange(0), help="Largest parts listed.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--list-devices", is_flag=True, help="List the cost table's devices and stop.")
 def estimate(suite: str | None, device_name: str | None, costs: Path | None, identities: int | None,
-             images: int | None, store: Path | None, as_json: bool, list_devices: bool):
+             images: int | None, store: Path | None, top: int, as_json: bool, list_devices: bool):
     """Estimate what running SUITE costs: unique stages of each kind after sharing, and the time
     per stage kind and in total on a device, from measured per-step costs (benchbase/costs.toml)."""
     from benchbase import estimate as cost_model
@@ -226,7 +227,7 @@ def estimate(suite: str | None, device_name: str | None, costs: Path | None, ide
     spec = load_suite(suite)
     est = cost_model.estimate(spec, device=device_name, costs_file=costs, identities=identities, store=store,
                               images=images)
-    click.echo(json.dumps(est.to_json(), indent=1) if as_json else cost_model.render(est))
+    click.echo(json.dumps(est.to_json(), indent=1) if as_json else cost_model.render(est, top=top))
 
 
 @main.command()
