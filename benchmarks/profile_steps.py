@@ -165,7 +165,8 @@ def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
     from benchbase_plugins.attacks.aspl import ASPL
     from benchbase_plugins.attacks import _surrogate
 
-    params = {"max_train_steps": args.iterations + 1, "num_class_images": 16, "class_inference_steps": 25,
+    last = args.iterations + 1  # iteration 0 warms up; the last one is torch-profiled, not timed
+    params = {"max_train_steps": args.iterations + 2, "num_class_images": 16, "class_inference_steps": 25,
               "precision": args.precision}
     if args.backend == "mini":
         params["learning_rate"] = 3e-4
@@ -222,22 +223,20 @@ def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
             if desc == "aspl":
                 clock.sync()
                 ticks.append(time.perf_counter())
-                clock.phase = "iteration" if i >= 1 else None
-                if torch_profile and i == 1:
+                clock.phase = "iteration" if 1 <= i < last else None
+                if torch_profile and i == last:
                     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     prof.__enter__()
-                if torch_profile and i == 2 and prof is not None:
-                    prof.__exit__(None, None, None)
             yield item
         if desc == "aspl":
-            clock.sync()
-            ticks.append(time.perf_counter())
+            if prof is not None:
+                prof.__exit__(None, None, None)
             clock.phase = None
 
     ctx.progress = progress
     attack.protect(ctx.identity.set_B.clone(), ctx)
-    n = len(ticks) - 2
-    wall = ticks[-1] - ticks[1]
+    n = last - 1
+    wall = ticks[last] - ticks[1]
     acc = clock.acc
     total = defaultdict(float)
     for phase in ("iteration", "surrogate", "pgd"):
@@ -259,7 +258,8 @@ def profile_dreambooth(args, ctx, clock: Clock, torch_profile: int) -> dict:
     from benchbase.components import Defense
     from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
-    steps = args.steps + 2
+    steps = args.steps + 3  # steps 0-1 warm up; the last one is torch-profiled, not timed
+    last = steps - 1
     params = {"max_train_steps": steps, "num_class_images": 16, "class_inference_steps": 25,
               "train_batch_size": 2 if args.backend == "mini" else 1, "learning_rate": 3e-4}
     db = DreamBooth(**params)
@@ -280,23 +280,21 @@ def profile_dreambooth(args, ctx, clock: Clock, torch_profile: int) -> dict:
             if desc == "dreambooth":
                 clock.sync()
                 ticks.append(time.perf_counter())
-                clock.phase = "step" if i >= 2 else None
-                if torch_profile and i == 2:
+                clock.phase = "step" if 2 <= i < last else None
+                if torch_profile and i == last:
                     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     prof.__enter__()
-                if torch_profile and i == 3 and prof is not None:
-                    prof.__exit__(None, None, None)
             yield item
         if desc == "dreambooth":
-            clock.sync()
-            ticks.append(time.perf_counter())
+            if prof is not None:
+                prof.__exit__(None, None, None)
             clock.phase = None
 
     ctx.progress = progress
     with tempfile.TemporaryDirectory() as out:
         db.train(ctx.identity.set_B.clone(), ctx, Defense(), Path(out))
-    n = len(ticks) - 3
-    out = {"step": breakdown(clock.acc["step"], ticks[-1] - ticks[2], n)}
+    n = last - 2
+    out = {"step": breakdown(clock.acc["step"], ticks[last] - ticks[2], n)}
     if prof is not None:
         out["_table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=torch_profile)
     return out
