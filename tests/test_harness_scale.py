@@ -167,3 +167,26 @@ def test_report_gallery_is_capped_with_a_note(tmp_path):
     assert "Image grids of the first 2 of 4 cells" in capped
     assert full.count('<details class="cell"') == 4 and capped.count('<details class="cell"') == 2
     assert capped.count("<tr") == full.count("<tr")  # every cell in the tables
+
+
+def test_table_rows_equal_record_to_json(tmp_path):
+    """The rows tables are built from equal Record.to_json(), the exact path taken for lines
+    with a non-finite number or a missing optional field."""
+    import json
+
+    from benchbase.records import RESULTS, Record, read_records_and_rows
+
+    base = {"identity": "a", "seed": 0, "attack": "none", "purifier": "none", "defense": "none",
+            "personalizer": "db", "metric": "ism", "direction": "lower", "status": "ok", "value": 0.5,
+            "details": {"per_image": [0.1, 0.2], "of": "generated"}, "key": "ae309bc1", "stages": {"clean": "k"}}
+    lines = [json.dumps(base),
+             json.dumps({**base, "value": None, "status": "empty", "details": "not a dict"}),
+             json.dumps({k: v for k, v in base.items() if k not in ("details", "stages", "key")}),
+             json.dumps({**base, "details": {"per_image": [float("nan"), 1.0]}}),  # NaN token
+             json.dumps(base).replace('"value": 0.5', '"value": 1e999'),  # parses as inf
+             json.dumps({**base, "extra_field": 1})]
+    (tmp_path / RESULTS).write_text("\n".join(lines) + "\n")
+    records, rows = read_records_and_rows(tmp_path)
+    assert rows == [r.to_json() for r in records]
+    assert rows[3]["details"]["per_image"][0] is None and rows[4]["value"] is None
+    assert list(rows[0]) == list(Record.ORDER)
