@@ -300,6 +300,52 @@ def profile_dreambooth(args, ctx, clock: Clock, torch_profile: int) -> dict:
     return out
 
 
+def reference(ctx, precision: str, n_images: int, latents: int, repeats: int = 5) -> dict:
+    """Bare compute measured in isolation, on the same models, batch and precision (the issue's
+    limits): a PGD step = VAE-encoder + UNet forward and backward of the batch to the pixels; a
+    training step = UNet + text-encoder forward and backward on ``latents`` latents + one AdamW
+    step (the optimizer kept: its state allocated once)."""
+    from benchbase_plugins.attacks._surrogate import load_models
+
+    models = load_models(ctx, precision)
+    x = ctx.identity.set_B[:n_images].to(ctx.device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = models.encode_images(ctx.identity.set_B[:1].expand(latents, -1, -1, -1), generator=g)
+        cond = models.encode_prompt([ctx.prompts.instance] * n_images)
+    ids = models.tokenize([ctx.prompts.instance] * latents)
+
+    def pgd_step():
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(models.diffusion_loss(models.encode_images(xx, generator=g), cond, generator=g), xx)
+
+    params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
+    from benchbase_plugins.personalizers.dreambooth import fused_kwargs
+
+    opt = torch.optim.AdamW(params, lr=1e-9, **fused_kwargs(params))
+
+    def train_step():
+        models.unet.requires_grad_(True)
+        models.text_encoder.requires_grad_(True)
+        loss = models.diffusion_loss(z, models.text_encoder(ids)[0], generator=g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("pgd step", pgd_step), ("train step", train_step)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = statistics.median(times)
+        models.unet.requires_grad_(False)
+        models.text_encoder.requires_grad_(False)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["mini", "tiny"], default="mini")
@@ -323,6 +369,13 @@ def main(argv=None) -> int:
         if args.what in ("dreambooth", "both"):
             ctx = context(args.backend, Path(store), args.device)
             results["dreambooth"] = profile_dreambooth(args, ctx, clock, args.torch_profile)
+        # the same models, batches and precision in isolation: the physical limit of each step
+        precision = {"release": "bf16"}.get(args.precision, args.precision)
+        ref = reference(context(args.backend, Path(store), args.device), precision, 4, 2)
+        ref_db = reference(context(args.backend, Path(store), args.device), "fp32", 4,
+                           4 if args.backend == "mini" else 2)
+        results["isolated"] = {"pgd step": ref["pgd step"], "surrogate step": ref["train step"],
+                               "dreambooth step": ref_db["train step"]}
     results["load_after"] = os.getloadavg()[0]
     cols = ("wall", *CATEGORIES, "other", "bare compute", "ratio")
     print(f"backend {args.backend}, {results['threads']} torch thread(s), load {results['load']:.1f} -> "
@@ -334,6 +387,16 @@ def main(argv=None) -> int:
                 continue
             print(f"{what + ' ' + unit:<22}" + "".join(
                 f"{row[c]:>13.2f}" if c == "ratio" else f"{1000 * row[c]:>13.1f}" for c in cols))
+    iso = results.get("isolated", {})
+    rows = [("aspl", "surrogate step"), ("aspl", "pgd step"), ("dreambooth", "step")]
+    print("\nwall / isolated bare compute (the same ops, batch and precision run alone in this process):")
+    for what, unit in rows:
+        key = "dreambooth step" if what == "dreambooth" else unit
+        if unit in results.get(what, {}) and key in iso:
+            wall = results[what][unit]["wall"]
+            results[what][unit]["isolated"] = iso[key]
+            results[what][unit]["ratio_isolated"] = wall / iso[key]
+            print(f"  {what + ' ' + unit:<22} {1000 * wall:8.1f} ms / {1000 * iso[key]:8.1f} ms = {wall / iso[key]:.2f}")
     for what in ("aspl", "dreambooth"):
         table = results.get(what, {}).pop("_table", None)
         if table:
