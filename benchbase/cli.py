@@ -274,7 +274,7 @@ def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
 @click.option("--store", type=click.Path(path_type=Path), help="The artifact store the run used (default: RUN_DIR/store).")
 @click.option("--thumb-size", default=128, show_default=True, type=click.IntRange(16, 1024), help="Thumbnail side in px.")
 @click.option("--max-samples", default=8, show_default=True, type=click.IntRange(1), help="Generated images shown per prompt.")
-@click.option("--max-cells", default=500, show_default=True, type=click.IntRange(1),
+@click.option("--max-cells", default=200, show_default=True, type=click.IntRange(1),
               help="Cells with image grids (a larger grid gets a note: tens of thousands of thumbnails take minutes).")
 @click.option("--serve", "serve_", is_flag=True, help="Then serve it on http://127.0.0.1:PORT until Ctrl-C.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port for --serve (0: any free one).")

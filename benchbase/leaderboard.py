@@ -295,6 +295,11 @@ def build(run_dir: Path) -> dict[str, pd.DataFrame]:
     return _views(*load_results(run_dir))
 
 
+def views_of(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
+    """``build`` of records already read (``load_results``' frame and run info)."""
+    return _views(df, info)
+
+
 def _views(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
     table, directions = cell_table(df)
     views = {"cells": table, "attacks": attacks_view(table, directions),

@@ -99,7 +99,7 @@ def _heat_scale(run: RunData, cell: CellView) -> float:
     return float(eps) if isinstance(eps, (int, float)) and eps > 0 else 16.0
 
 
-MAX_CELLS = 500  # cells with image grids; a larger grid (the full protocol: 9,600) gets a note instead
+MAX_CELLS = 200  # cells with image grids; a larger grid (the full protocol: 9,600) gets a note instead
 
 
 def gallery_section(run: RunData, out_dir: Path, thumbs: Thumbs, max_samples: int = MAX_SAMPLES,
