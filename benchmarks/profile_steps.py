@@ -171,7 +171,7 @@ def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
     if args.backend == "mini":
         params["learning_rate"] = 3e-4
     attack = ASPL(**params)
-    from benchbase_plugins.personalizers.dreambooth import class_images
+    from benchbase.toolkit import class_images
 
     class_images(ctx, ctx.prompts.class_, 16, 25, 7.5)  # the shared stage, outside the timing
     load_models = _surrogate.load_models
@@ -320,7 +320,7 @@ def reference(ctx, precision: str, n_images: int, latents: int, repeats: int = 5
         torch.autograd.grad(models.diffusion_loss(models.encode_images(xx, generator=g), cond, generator=g), xx)
 
     params = list(models.unet.parameters()) + list(models.text_encoder.parameters())
-    from benchbase_plugins.personalizers.dreambooth import fused_kwargs
+    from benchbase.toolkit import fused_kwargs
 
     opt = torch.optim.AdamW(params, lr=1e-9, **fused_kwargs(params))
 
