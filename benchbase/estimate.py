@@ -192,14 +192,6 @@ class Costs:
 
 
 @dataclass
-class StageCost:
-    stage: str
-    label: str  # the component (chain) it runs
-    seconds: float = 0.0
-    missing: set = field(default_factory=set)
-
-
-@dataclass
 class Estimate:
     suite: str
     device: str
@@ -253,7 +245,7 @@ def plan_stages(suite: Suite, pm=None, identities: int | None = None, store: Pat
 
     pm = pm or get_plugin_manager()
     components = build_components(suite, pm)
-    component = lambda spec: components[id(spec)]  # noqa: E731
+    component = lambda spec: components[id(spec)]
     backend, dataset = component(suite.backend), component(suite.dataset)
     base = dataset.prompts()
     over = suite.prompts
@@ -284,7 +276,7 @@ def plan_stages(suite: Suite, pm=None, identities: int | None = None, store: Pat
                            resolve_dtype(suite.dtype), progress=None, shared=None, workdir=None, read=None,
                            plugins=pm)
     done = Store(store).done if store is not None else None
-    is_done = (lambda node: done(node.stage, node.key)) if done else (lambda node: False)  # noqa: E731
+    is_done = (lambda node: done(node.stage, node.key)) if done else (lambda node: False)
     plan = Plan()
     for seed in suite.seeds:
         for ident in idents:

@@ -16,7 +16,16 @@ import torch
 from pydantic import Field
 
 from benchbase.components import (
-    Attack, Backend, Dataset, IdentityData, Metric, MetricInputs, MetricValue, Params, Personalizer, Prompts,
+    Attack,
+    Backend,
+    Dataset,
+    IdentityData,
+    Metric,
+    MetricInputs,
+    MetricValue,
+    Params,
+    Personalizer,
+    Prompts,
     Purifier,
 )
 

@@ -39,7 +39,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 CATEGORIES = ("vae encode", "text encoder", "unet", "backward", "optimizer", "state save/restore")
 
@@ -162,8 +162,8 @@ def breakdown(acc: dict, wall: float, n: int) -> dict:
 def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
     """ASPL at the issue's settings (3+3 surrogate steps, 6 PGD steps, 16 class images), timing
     iterations 2..N (the first one warms up allocators)."""
-    from benchbase_plugins.attacks.aspl import ASPL
     from benchbase_plugins.attacks import _surrogate
+    from benchbase_plugins.attacks.aspl import ASPL
 
     last = args.iterations + 1  # iteration 0 warms up; the last one is torch-profiled, not timed
     params = {"max_train_steps": args.iterations + 2, "num_class_images": 16, "class_inference_steps": 25,
@@ -255,8 +255,9 @@ def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
 def profile_dreambooth(args, ctx, clock: Clock, torch_profile: int) -> dict:
     """DreamBooth, the mini suite's recipe (2 instance + 2 class images per step) or the default
     1 + 1 on tiny; steps 3..N timed."""
-    from benchbase.components import Defense
     from benchbase_plugins.personalizers.dreambooth import DreamBooth
+
+    from benchbase.components import Defense
 
     steps = args.steps + 3  # steps 0-1 warm up; the last one is torch-profiled, not timed
     last = steps - 1
