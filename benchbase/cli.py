@@ -198,19 +198,53 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
 
 
 @main.command()
+@click.argument("suite", required=False)
+@click.option("--device", "device_name", help="Device table of the cost model (default: the one measured for the "
+                                                "suite's backend; `--list-devices` names them).")
+@click.option("--costs", type=click.Path(path_type=Path, dir_okay=False),
+              help="A cost table merged over the built-in one (your device's benchmarks/step_costs.py output).")
+@click.option("--identities", type=click.IntRange(1), help="Plan N stand-in identities instead of reading the "
+                                                            "dataset (a dataset you do not have here).")
+@click.option("--images", type=click.IntRange(1), help="Images per set with --identities (default 4, the "
+                                                        "Anti-DreamBooth sets).")
+@click.option("--store", type=click.Path(path_type=Path, file_okay=False),
+              help="Leave out stages already in this store (what is left of a run).")
+@click.option("--top", default=12, show_default=True, type=click.IntRange(0), help="Largest parts listed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--list-devices", is_flag=True, help="List the cost table's devices and stop.")
+def estimate(suite: str | None, device_name: str | None, costs: Path | None, identities: int | None,
+             images: int | None, store: Path | None, top: int, as_json: bool, list_devices: bool):
+    """Estimate what running SUITE costs: unique stages of each kind after sharing, and the time
+    per stage kind and in total on a device, from measured per-step costs (benchbase/costs.toml)."""
+    from benchbase import estimate as cost_model
+
+    if list_devices:
+        for name, table in cost_model.load_costs(costs).get("devices", {}).items():
+            click.echo(f"{name}\t{', '.join(table.get('backends', []))}\t{table.get('description', '')}")
+        return
+    from benchbase.suite import load_suite
+
+    spec = load_suite(suite)
+    est = cost_model.estimate(spec, device=device_name, costs_file=costs, identities=identities, store=store,
+                              images=images)
+    click.echo(json.dumps(est.to_json(), indent=1) if as_json else cost_model.render(est, top=top))
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def status(run_dir: Path):
     """Show the progress of a run (also while it is running)."""
-    from benchbase.records import RESULTS, read_records, read_run_info, resolve_store
+    from benchbase.records import RESULTS, read_records_and_rows, read_run_info, resolve_store
     from benchbase.store import stage_counts
 
     info = read_run_info(run_dir, required=True)
     click.echo(f"suite {info.suite} (hash {info.suite_hash}), status {info.status}, device {info.device}")
     click.echo(f"model: {info.backend.description}" + (" (RANDOM weights)" if info.backend.random_weights else ""))
-    records = read_records(run_dir) if (run_dir / RESULTS).is_file() else []
+    # the rows alone (no Record objects): a run of 100,000 records is counted in seconds
+    rows = read_records_and_rows(run_dir, records=False)[1] if (run_dir / RESULTS).is_file() else []
     by_status: dict[str, int] = {}
-    for r in records:
-        by_status[r.status] = by_status.get(r.status, 0) + 1
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     click.echo("records: " + (", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none yet"))
     done = stage_counts(resolve_store(run_dir, None, info))
     if done:
@@ -241,14 +275,17 @@ def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
 @click.option("--store", type=click.Path(path_type=Path), help="The artifact store the run used (default: RUN_DIR/store).")
 @click.option("--thumb-size", default=128, show_default=True, type=click.IntRange(16, 1024), help="Thumbnail side in px.")
 @click.option("--max-samples", default=8, show_default=True, type=click.IntRange(1), help="Generated images shown per prompt.")
+@click.option("--max-cells", default=200, show_default=True, type=click.IntRange(1),
+              help="Cells with image grids (a larger grid gets a note: tens of thousands of thumbnails take minutes).")
 @click.option("--serve", "serve_", is_flag=True, help="Then serve it on http://127.0.0.1:PORT until Ctrl-C.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port for --serve (0: any free one).")
 def report_cmd(run_dir: Path, out: Path | None, store: Path | None, thumb_size: int, max_samples: int,
-               serve_: bool, port: int):
+               max_cells: int, serve_: bool, port: int):
     """Write a static HTML report of a run (tables, image grids, plots) that opens from disk."""
     from benchbase import report
 
-    index = report.write(run_dir, out, store=store, thumb_size=thumb_size, max_samples=max_samples)
+    index = report.write(run_dir, out, store=store, thumb_size=thumb_size, max_samples=max_samples,
+                         max_cells=max_cells)
     click.echo(f"report: {index}")
     if serve_:
         report.serve(index, run_dir, port=port, store=store, echo=click.echo)

@@ -24,6 +24,7 @@ A stage that raises fails every cell that needs it, with its error, and the grid
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -55,14 +56,21 @@ PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "o
             "facenet-pytorch", "dlib-bin", "numpy", "pillow")
 
 
-def package_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> tuple:
     out = {}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages results depend on (read once per process: a run.json is
+    written many times during a run)."""
+    return dict(_package_versions())
 
 
 @dataclass
@@ -137,7 +145,10 @@ class Runner:
         self._plan: Plan | None = None
         self.outcomes: dict[str, Outcome] = {}
         self._records: dict[int, list[dict]] = {}
-        self.records: list[dict] = []
+        self._texts: dict[int, str] = {}  # each finished cell's results.jsonl lines, serialised once
+        self._ordered: list[dict] | None = []
+        self._last_results = 0.0
+        self._results_cost = 0.0
         self.executed: Counter = Counter()
         self.counts = {"total": 0, "done": 0, "failed": 0, "running": 0, "cached": 0}
         self._extra: dict = {}
@@ -298,7 +309,7 @@ class Runner:
             if not cp.needs and index not in self._records:
                 self._finish_cell(cp)
                 finished = True
-        self._write_status("running", force=finished)
+        self._write_status("running", force=finished and self._results_due())
 
     def progress(self, running: int | None = None) -> None:
         """What is in flight (an executor running stages in parallel says how many)."""
@@ -332,10 +343,32 @@ class Runner:
                 "run_dir": str(self.run_dir.resolve()), "store": str(self.store.root.resolve()),
                 "device": device or self.device_request}
 
+    @property
+    def records(self) -> list[dict]:
+        """The records of the finished cells, cells in suite order."""
+        if self._ordered is None:
+            self._ordered = [r for i in sorted(self._records) for r in self._records[i]]
+        return self._ordered
+
     def _finish_cell(self, cp: CellPlan) -> None:
-        self._records[cp.index] = self.cell_records(cp)
-        self.records = [r for i in sorted(self._records) for r in self._records[i]]
-        self.write_results()
+        self._records[cp.index] = recs = self.cell_records(cp)
+        self._texts[cp.index] = dumps_records(recs)
+        self._ordered = None
+        if self._results_due():
+            self.write_results()
+
+    #: a run with at most this many records rewrites results.jsonl whenever a cell finishes; a
+    #: larger one at most every RESULTS_INTERVAL seconds (and never spending more than 5% of the
+    #: run rewriting it): rewriting 100,000 records for each of 10,000 cells would cost hours.
+    #: The file is always complete at the end, and a killed run's records come back from the
+    #: store when the same command runs again.
+    SMALL_RUN = 2000
+    RESULTS_INTERVAL = 10.0
+
+    def _results_due(self) -> bool:
+        if len(self._records) * max(1, len(self.suite.metrics)) <= self.SMALL_RUN:
+            return True
+        return time.time() - self._last_results >= max(self.RESULTS_INTERVAL, 20 * self._results_cost)
 
     def _record(self, cell: Cell, spec: Spec, status: Status, **fields) -> dict:
         metric = self.component(spec)
@@ -406,6 +439,14 @@ class Runner:
             out += list(seen.values())
         return out
 
+    def _static(self, name: str, compute: Callable[[], Any]) -> Any:
+        """Parts of run.json that cannot change during a run, computed once (it is rewritten
+        many times)."""
+        cache = self.__dict__.setdefault("_static_info", {})
+        if name not in cache:
+            cache[name] = compute()
+        return cache[name]
+
     def run_info(self, status: str, **extra: Any) -> RunInfo:
         name = getattr(self.executor, "name", "") or "local"
         return RunInfo(
@@ -418,8 +459,8 @@ class Runner:
                          if self.device.type == "cuda" and torch.cuda.is_available() else None),
             seeds=self.suite.seeds, store=str(self.store.root.resolve()),
             platform=platform.platform(), python=platform.python_version(),
-            packages=package_versions(), plugins=self.plugin_versions(), n_cells=self.suite.n_cells,
-            figures=self.figures(), executor=ExecutorInfo(name, dict(self.counts), dict(self._extra)), **extra)
+            packages=package_versions(), plugins=self._static("plugins", self.plugin_versions),
+            n_cells=self.suite.n_cells, figures=self._static("figures", self.figures), executor=ExecutorInfo(name, dict(self.counts), dict(self._extra)), **extra)
 
     def _write_status(self, status: str, force: bool = False, **extra: Any) -> None:
         if not force and time.time() - self._last_status < 10:  # `benchbase status` needs no more
@@ -428,7 +469,9 @@ class Runner:
         self._write(RUN_JSON, json.dumps(self.run_info(status, **extra).to_json(), indent=1, default=str))
 
     def write_results(self) -> None:
-        self._write(RESULTS, dumps_records(self.records))
+        start = time.perf_counter()
+        self._write(RESULTS, "".join(self._texts[i] for i in sorted(self._texts)))
+        self._last_results, self._results_cost = time.time(), time.perf_counter() - start
 
     def _write(self, name: str, text: str) -> None:
         """Atomically (a temporary, then a rename): a kill leaves the previous file whole."""

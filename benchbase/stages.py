@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
@@ -76,6 +77,21 @@ class StageBuilder:
         self.plugins = plugins  # the run's plugin manager: components find models by role through it
         self.prompts, self.device, self.dtype, self.progress = prompts, device, dtype, progress
         self.shared, self.workdir, self.read = shared, workdir, read
+        self._local = threading.local()  # the nodes of the cell being addressed (``_memo``)
+
+    def _memo(self, stage: str, ident: Identity, cell: Cell, build: Callable[[Identity, Cell], Node]) -> Node:
+        """The cell's ``stage`` node, built once while the same cell is being addressed: its stage
+        keys and every score of it read the same upstream nodes, and hashing them again for each
+        metric made planning a large grid several times slower. Only the last cell is kept."""
+        memo = self._local.__dict__
+        cell_key = (ident.name, ident.fingerprint, cell.seed, cell.at, id(cell.attack),
+                    tuple(id(s) for s in cell.purifiers), id(cell.defense), id(cell.personalizer))
+        if memo.get("cell") != cell_key:
+            memo["cell"], memo["nodes"] = cell_key, {}
+        node = memo["nodes"].get(stage)
+        if node is None:
+            node = memo["nodes"][stage] = build(ident, cell)
+        return node
 
     def context(self, seed: int, identity: Identity | None, *stage: Any, threat: Threat | None = None) -> Context:
         return Context(
@@ -95,6 +111,9 @@ class StageBuilder:
 
     # -- the stages, in data-path order ------------------------------------------------------
     def clean(self, ident: Identity, cell: Cell) -> Node:
+        return self._memo("clean", ident, cell, self._clean)
+
+    def _clean(self, ident: Identity, cell: Cell) -> Node:
         """The identity's clean set_B as the 8-bit PNGs every image stage is compared with (the
         report shows them without loading the dataset)."""
         parts = {"identity": ident.fingerprint, "resolution": self.backend.resolution}
@@ -106,6 +125,9 @@ class StageBuilder:
         return Node(Stage.CLEAN, parts, compute, address=cell.address(Stage.CLEAN))
 
     def protect(self, ident: Identity, cell: Cell) -> Node:
+        return self._memo("protect", ident, cell, self._protect)
+
+    def _protect(self, ident: Identity, cell: Cell) -> Node:
         attack = self.component(cell.attack)
         parts = {"attack": component_id(attack), "identity": ident.fingerprint,
                  "backend": self.backend_fp, "resolution": self.backend.resolution,
@@ -129,6 +151,9 @@ class StageBuilder:
         return Node(Stage.PROTECT, parts, compute, address=cell.address(Stage.PROTECT))
 
     def purify(self, ident: Identity, cell: Cell) -> Node:
+        return self._memo("purify", ident, cell, self._purify)
+
+    def _purify(self, ident: Identity, cell: Cell) -> Node:
         up = self.protect(ident, cell)
         chain = [self.component(s) for s in cell.purifiers]
         parts = {"purifiers": [component_id(p) for p in chain], "protect": up.key, "seed": cell.seed,
@@ -155,6 +180,9 @@ class StageBuilder:
         return Node(Stage.PURIFY, parts, compute, ups=[up], address=cell.address(Stage.PURIFY))
 
     def personalize(self, ident: Identity, cell: Cell) -> Node:
+        return self._memo("personalize", ident, cell, self._personalize)
+
+    def _personalize(self, ident: Identity, cell: Cell) -> Node:
         up = self.purify(ident, cell)
         personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
         parts = {"personalizer": {**component_id(personalizer), "params": personalizer.train_config()},
@@ -170,6 +198,9 @@ class StageBuilder:
         return Node(Stage.PERSONALIZE, parts, compute, ups=[up], address=cell.address(Stage.PERSONALIZE))
 
     def generate(self, ident: Identity, cell: Cell) -> Node:
+        return self._memo("generate", ident, cell, self._generate)
+
+    def _generate(self, ident: Identity, cell: Cell) -> Node:
         up = self.personalize(ident, cell)
         personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
         parts = {"personalizer": component_id(personalizer), "personalize": up.key, "seed": cell.seed,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from benchbase.records import Record, RunInfo, Stage, StageMeta, read_records, read_run_info, resolve_store
+from benchbase.records import Record, RunInfo, Stage, StageMeta, read_records_and_rows, read_run_info, resolve_store
 from benchbase.store import read_stage_metas
 
 
@@ -45,10 +45,10 @@ class RunData:
 
     def __init__(self, run_dir: Path, store: Path | None = None):
         self.run_dir = Path(run_dir)
-        self.records = read_records(self.run_dir)
+        self.records, rows = read_records_and_rows(self.run_dir)
         self.info: RunInfo = read_run_info(self.run_dir) or RunInfo()
         self.has_run_json = read_run_info(self.run_dir) is not None
-        self.df = pd.DataFrame([r.to_json() for r in self.records])
+        self.df = pd.DataFrame(rows)
         self.store_root = resolve_store(self.run_dir, store, self.info)
         self.metas: dict[str, dict[str, StageMeta]] = read_stage_metas(self.store_root)
         self.cells = self._cells()

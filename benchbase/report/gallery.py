@@ -99,7 +99,11 @@ def _heat_scale(run: RunData, cell: CellView) -> float:
     return float(eps) if isinstance(eps, (int, float)) and eps > 0 else 16.0
 
 
-def gallery_section(run: RunData, out_dir: Path, thumbs: Thumbs, max_samples: int = MAX_SAMPLES) -> str:
+MAX_CELLS = 200  # cells with image grids; a larger grid (the full protocol: 9,600) gets a note instead
+
+
+def gallery_section(run: RunData, out_dir: Path, thumbs: Thumbs, max_samples: int = MAX_SAMPLES,
+                    max_cells: int = MAX_CELLS) -> str:
     parts = ['<h2 id="images">Images</h2>',
              f"<p>Thumbnails ({thumbs.size} px, JPEG) link to the original PNGs. Heat maps: per-pixel "
              "|protected − clean| (max over RGB, in 8-bit levels) divided by the attack's budget ε "
@@ -108,7 +112,8 @@ def gallery_section(run: RunData, out_dir: Path, thumbs: Thumbs, max_samples: in
              "and L∞ (levels) against its clean image, computed here, then the per-image values the run's "
              "metrics recorded.</p>"]
     by_identity: dict[str, list[CellView]] = defaultdict(list)
-    for cell in run.cells:
+    shown = run.cells[:max_cells]
+    for cell in shown:
         by_identity[cell.identity].append(cell)
     for n_id, (identity, cells) in enumerate(by_identity.items()):
         parts.append(f'<details class="identity" {"open" if n_id == 0 else ""}><summary>identity '
@@ -132,6 +137,10 @@ def gallery_section(run: RunData, out_dir: Path, thumbs: Thumbs, max_samples: in
                                     show_protected=(cell.seed, cell.attack) not in seen_attack))
             seen_attack.add((cell.seed, cell.attack))
         parts.append("</details>")
+    if len(shown) < len(run.cells):
+        # tens of thousands of thumbnails take minutes to write and no browser shows them well
+        parts.append(f'<p class="status">Image grids of the first {len(shown)} of {len(run.cells)} cells '
+                     f'(identities in run order); <code>benchbase report --max-cells N</code> shows more.</p>')
     return "\n".join(parts)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from benchbase.records import resolve_store
 from benchbase.report.data import RunData
-from benchbase.report.gallery import MAX_SAMPLES, THUMB_SIZE, Thumbs, gallery_section
+from benchbase.report.gallery import MAX_CELLS, MAX_SAMPLES, THUMB_SIZE, Thumbs, gallery_section
 from benchbase.report.html import esc, static
 from benchbase.report.plots import plots_section
 from benchbase.report.tables import frame_html, tables_section
@@ -56,7 +56,7 @@ def provenance_section(run: RunData) -> str:
 
 
 def write(run_dir: Path, out_dir: Path | None = None, store: Path | None = None, thumb_size: int = THUMB_SIZE,
-          max_samples: int = MAX_SAMPLES) -> Path:
+          max_samples: int = MAX_SAMPLES, max_cells: int = MAX_CELLS) -> Path:
     """Write the report of ``run_dir`` into ``out_dir`` (default ``RUN_DIR/report``) and
     return the path of its ``index.html``."""
     run_dir = Path(run_dir)
@@ -75,7 +75,7 @@ def write(run_dir: Path, out_dir: Path | None = None, store: Path | None = None,
         f" · {run.df['identity'].nunique()} identities · {len(run.cells)} cells</p>", warn,
         '<nav><a href="#tables">Leaderboard</a><a href="#plots">Plots</a><a href="#images">Images</a>'
         '<a href="#provenance">Provenance</a></nav>',
-        tables_section(run), plots_section(run, out_dir), gallery_section(run, out_dir, thumbs, max_samples),
+        tables_section(run), plots_section(run, out_dir), gallery_section(run, out_dir, thumbs, max_samples, max_cells),
         provenance_section(run),
         f"<footer><p>Written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by <code>benchbase report</code>; "
         f"thumbnails {thumbs.total_bytes() / 1e6:.2f} MB.</p></footer>",

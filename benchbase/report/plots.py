@@ -42,6 +42,9 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)[:60]
 
 
+RASTER_DOTS = 5000
+
+
 def _boxes(ax, groups: dict[str, list[float]], rng: np.random.Generator) -> None:
     labels = list(groups)
     data = [[v for v in groups[k] if v is not None and math.isfinite(v)] for k in labels]
@@ -49,8 +52,13 @@ def _boxes(ax, groups: dict[str, list[float]], rng: np.random.Generator) -> None
     filled = [(p, d) for p, d in zip(positions, data) if d]
     if filled:
         ax.boxplot([d for _, d in filled], positions=[p for p, _ in filled], widths=0.5, showfliers=False)
-        for p, d in filled:  # every value as a dot: with few identities a box alone misleads
-            ax.scatter(p + rng.uniform(-0.12, 0.12, len(d)), d, s=12, alpha=0.7, color="tab:blue", zorder=3)
+        # every value as a dot: with few identities a box alone misleads. One scatter for all the
+        # boxes (the same jitter draws, in the same order): a grid of many cells drew thousands
+        xs = np.concatenate([p + rng.uniform(-0.12, 0.12, len(d)) for p, d in filled])
+        # past RASTER_DOTS dots (a grid of many identities) the dots are an image inside the SVG:
+        # a browser crawls over 100,000 SVG circles, and writing them took most of a report
+        ax.scatter(xs, np.concatenate([np.asarray(d, dtype=float) for _, d in filled]), s=12, alpha=0.7,
+                   color="tab:blue", zorder=3, rasterized=len(xs) > RASTER_DOTS)
     ax.set_xticks(positions)
     ax.set_xticklabels(labels, rotation=30, ha="right")
     ax.grid(axis="y", alpha=0.3)
@@ -70,9 +78,9 @@ def plot_distributions(df: pd.DataFrame, out_dir: Path) -> list[tuple[str, Path]
         if not len(sub):
             continue
         groups: dict[str, list[float]] = {}
-        for _, r in sub.iterrows():
-            label = " | ".join(str(r[c]) for c in ("attack", "purifier", *extra))
-            groups.setdefault(label, []).append(float(r["value"]))
+        labels = zip(*(sub[c].astype(str).tolist() for c in ("attack", "purifier", *extra)))
+        for label, value in zip(map(" | ".join, labels), sub["value"]):  # columns, not iterrows
+            groups.setdefault(label, []).append(float(value))
         fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(groups) + 1.5), 3.2))
         _boxes(ax, groups, np.random.default_rng(i))
         arrow = leaderboard.ARROW.get(directions.get(metric), "")

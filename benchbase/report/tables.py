@@ -52,7 +52,7 @@ def frame_html(df: pd.DataFrame, table_id: str) -> str:
 
 
 def tables_section(run: RunData) -> str:
-    tables = leaderboard.render(leaderboard.build(run.run_dir))
+    tables = leaderboard.render(leaderboard.views_of(run.df, run.info))  # the records already read
     parts = ['<h2 id="tables">Leaderboard</h2>',
              '<p>Mean over identities ± 95% interval (t·sd/√n), the same numbers as '
              '<code>benchbase leaderboard</code>. ↑ = higher favours the protection, ↓ = lower favours '
