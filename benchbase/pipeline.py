@@ -46,7 +46,15 @@ from benchbase.graph import Cell, CellPlan, Identity, Node, NodeAddress, Outcome
 from benchbase.models.sd import parse_device, resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
 from benchbase.records import (
-    RESULTS, RUN_JSON, BackendInfo, ExecutorInfo, Record, RunInfo, Stage, Status, dumps_records,
+    RESULTS,
+    RUN_JSON,
+    BackendInfo,
+    ExecutorInfo,
+    Record,
+    RunInfo,
+    Stage,
+    Status,
+    dumps_records,
 )
 from benchbase.stages import StageBuilder, derive_seed, image_names, load_generated  # noqa: F401  (public helpers)
 from benchbase.store import Store, atomic_write_text, disk_error, is_disk_error, run_lock, writable_folder

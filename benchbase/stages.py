@@ -24,7 +24,13 @@ from benchbase.components import Context, IdentityData, MetricInputs, MetricValu
 from benchbase.errors import ConfigError
 from benchbase.graph import Cell, Identity, Node, NodeAddress
 from benchbase.images import (
-    assert_budget, check_images, l2_levels, load_pngs, quantize, quantize_to_budget, save_pngs,
+    assert_budget,
+    check_images,
+    l2_levels,
+    load_pngs,
+    quantize,
+    quantize_to_budget,
+    save_pngs,
 )
 from benchbase.records import Stage
 from benchbase.store import hash_key

@@ -39,7 +39,6 @@ except ImportError:  # pragma: no cover - Windows: one process per store, atomic
     fcntl = None
 
 from benchbase.errors import DiskError
-
 from benchbase.records import DONE, RESULTS, RUN_JSON, Stage, StageMeta  # noqa: F401  (re-exported)
 
 

@@ -255,9 +255,8 @@ def profile_aspl(args, ctx, clock: Clock, torch_profile: int) -> dict:
 def profile_dreambooth(args, ctx, clock: Clock, torch_profile: int) -> dict:
     """DreamBooth, the mini suite's recipe (2 instance + 2 class images per step) or the default
     1 + 1 on tiny; steps 3..N timed."""
-    from benchbase_plugins.personalizers.dreambooth import DreamBooth
-
     from benchbase.components import Defense
+    from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
     steps = args.steps + 3  # steps 0-1 warm up; the last one is torch-profiled, not timed
     last = steps - 1

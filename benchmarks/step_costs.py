@@ -270,7 +270,7 @@ def measure(shape: str, device: str, repeats: int, precisions: list[str], extras
     state.update({f"t.{k}": v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
     with tempfile.TemporaryDirectory() as tmp:
         once = Timer(device, min(2, repeats))  # seconds per write: two are enough
-        ops["save_unet"] = once(lambda: save_file(state, str(Path(tmp) / "m.safetensors")), warmup=0)
+        ops["save_unet"] = once(lambda s=state: save_file(s, str(Path(tmp) / "m.safetensors")), warmup=0)
     del state
 
     if extras and shape != "sd21":
