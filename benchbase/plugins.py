@@ -42,6 +42,20 @@ def _env_list(var: str) -> list[str]:
     return [s.strip() for s in os.environ.get(var, "").split(",") if s.strip()]
 
 
+def import_target(target: Any, what: str) -> Any:
+    """``"module:attr"`` (or ``"module"``) imported, or ``target`` itself when it is not a string;
+    an import failure is one ``PluginError`` naming ``what`` (which plugin, which component or
+    model), not a bare traceback. Registries import their lazy targets only through this."""
+    if not isinstance(target, str):
+        return target
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr) if attr else module
+    except Exception as exc:
+        raise PluginError(f"{what} failed to import {target!r}: {type(exc).__name__}: {exc}") from exc
+
+
 @dataclass
 class Entry:
     """One registered component: where it comes from and how to build it."""
@@ -62,17 +76,7 @@ class Entry:
 
     def load(self) -> Any:
         """Import the component class (the only place a lazy target is imported)."""
-        if not isinstance(self.target, str):
-            return self.target
-        module_name, _, attr = self.target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            return getattr(module, attr) if attr else module
-        except Exception as exc:  # report which plugin and component, not a bare traceback
-            raise PluginError(
-                f"{self.family[:-1]} {self.name!r} from plugin {self.plugin!r} failed to import "
-                f"{self.target!r}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return import_target(self.target, f"{self.family[:-1]} {self.name!r} from plugin {self.plugin!r}")
 
 
 @dataclass

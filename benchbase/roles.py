@@ -18,7 +18,6 @@ open_clip architecture —, which then reach the target as its ``name`` argument
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,18 +60,10 @@ class ModelEntry:
         return bool(self.meta.get("any_name", False))
 
     def load(self) -> Any:
-        """Import the target (the only place a lazy target is imported)."""
-        if not isinstance(self.target, str):
-            return self.target
-        from benchbase.errors import PluginError
+        """Import the target (through ``benchbase.plugins.import_target``)."""
+        from benchbase.plugins import import_target
 
-        module_name, _, attr = self.target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            return getattr(module, attr) if attr else module
-        except Exception as exc:  # report which plugin and model, not a bare traceback
-            raise PluginError(f"{self.role} model {self.name!r} from plugin {self.plugin!r} failed to import "
-                              f"{self.target!r}: {type(exc).__name__}: {exc}") from exc
+        return import_target(self.target, f"{self.role} model {self.name!r} from plugin {self.plugin!r}")
 
 
 __all__ = ["ROLES", "ModelEntry"]
