@@ -164,3 +164,21 @@ class PretrainedTiny:
         models = self._base.load(device, dtype)
         models.unet.load_state_dict(self._state())
         return models.freeze()
+
+
+def fixed_timestep_loss(models, cond: torch.Tensor, images: torch.Tensor, draws: int = 8,
+                        timesteps: tuple[int, ...] = (50, 200, 400, 600, 800, 950)) -> float:
+    """Mean L_DM of ``images`` over fixed timesteps × ``draws`` posterior and noise draws, from one
+    seeded generator, so batches compared with it see the same noise (a low-variance surrogate
+    loss for tests and benchmarks that compare protections). ``cond`` has one row per image."""
+    g = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _ in range(draws):
+            z = models.encode_images(images, sample=True, generator=g)
+            for t in timesteps:
+                ts = torch.full((len(images),), t, dtype=torch.long)
+                total += float(models.diffusion_loss(z, cond, generator=g, timesteps=ts))
+                count += 1
+    return total / count
+

@@ -109,21 +109,9 @@ def surrogate_steps(store: str) -> dict:
     return out
 
 
-def _eval_loss(models, cond, images, draws: int = 8, timesteps=(50, 200, 400, 600, 800, 950)) -> float:
-    g = torch.Generator().manual_seed(1234)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for _ in range(draws):
-            z = models.encode_images(images, sample=True, generator=g)
-            for t in timesteps:
-                ts = torch.full((len(images),), t, dtype=torch.long)
-                total += float(models.diffusion_loss(z, cond[: len(images)], generator=g, timesteps=ts))
-                count += 1
-    return total / count
-
-
 def attack_effect(store: str, outer: int) -> dict:
     from benchbase.images import linf_levels, quantize_to_budget
+    from benchbase.testing import fixed_timestep_loss
     from benchbase_plugins.attacks.aspl import ASPL
     from benchbase_plugins.attacks.baseline import UniformNoise
 
@@ -161,11 +149,11 @@ def attack_effect(store: str, outer: int) -> dict:
     noisy = quantize_to_budget(noise.protect(clean.clone(), ctx), clean, 6.375)
     models = ctx.models()
     cond = models.encode_prompt([ctx.prompts.instance] * len(clean))
-    base_loss = _eval_loss(models, cond, clean)
+    base_loss = fixed_timestep_loss(models, cond[: len(clean)], clean)
     out["base_model_denoising_loss"] = {
         "clean": base_loss,
-        "uniform_noise": _eval_loss(models, cond, noisy),
-        **{f"aspl_{k}": _eval_loss(models, cond, v) for k, v in protected.items()},
+        "uniform_noise": fixed_timestep_loss(models, cond[: len(noisy)], noisy),
+        **{f"aspl_{k}": fixed_timestep_loss(models, cond[: len(v)], v) for k, v in protected.items()},
     }
     diff = (protected["release"] - protected["fp32"]).abs() * 255
     out["release_vs_fp32_protected"] = {"linf_levels": linf_levels(protected["release"], protected["fp32"]),

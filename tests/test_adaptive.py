@@ -23,7 +23,7 @@ import torch
 
 from benchbase.components import Threat
 from benchbase.images import quantize_to_budget
-from benchbase.testing import make_context, sample_identity, tiny_backend
+from benchbase.testing import fixed_timestep_loss, make_context, sample_identity, tiny_backend
 
 # shrunk ASPL: 2 outer iterations × (1 surrogate step, 12 PGD steps); α raised so the few
 # steps cover the ball; a 16-level budget makes the effect measurable on the tiny model
@@ -44,20 +44,6 @@ def identity():
     return sample_identity("astronaut", 64, images_per_set=2)
 
 
-def _surrogate_loss(models, cond, images, draws=8, timesteps=(50, 200, 400, 600, 800, 950)) -> float:
-    """Mean L_DM over fixed timesteps × noise draws; the same generator for every batch compared."""
-    g = torch.Generator().manual_seed(1234)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for _ in range(draws):
-            z = models.encode_images(images, sample=True, generator=g)
-            for t in timesteps:
-                ts = torch.full((len(images),), t, dtype=torch.long)
-                total += float(models.diffusion_loss(z, cond, generator=g, timesteps=ts))
-                count += 1
-    return total / count
-
-
 def test_adaptive_aspl_survives_jpeg_better(vpred, identity, tmp_path):
     from benchbase_plugins.attacks.aspl import ASPL
     from benchbase_plugins.defenses.basic import NoDefense
@@ -76,11 +62,11 @@ def test_adaptive_aspl_survives_jpeg_better(vpred, identity, tmp_path):
             assert ctx.info["adaptive"] is adaptive
             models = ctx.models()
             cond = models.encode_prompt([ctx.prompts.instance] * len(clean))
-            post[adaptive].append(_surrogate_loss(models, cond, jpeg.purify(protected, ctx)))
-            pre[adaptive].append(_surrogate_loss(models, cond, protected))
+            post[adaptive].append(fixed_timestep_loss(models, cond, jpeg.purify(protected, ctx)))
+            pre[adaptive].append(fixed_timestep_loss(models, cond, protected))
     models = vpred.load(torch.device("cpu"), torch.float32)
     cond = models.encode_prompt([ctx.prompts.instance] * len(clean))
-    floor = _surrogate_loss(models, cond, jpeg.purify(clean, ctx))  # JPEG of the clean images
+    floor = fixed_timestep_loss(models, cond, jpeg.purify(clean, ctx))  # JPEG of the clean images
     gain = {a: sum(v) / len(v) - floor for a, v in post.items()}
     assert gain[True] > 0
     # observed ≈ 3x; 1.5x leaves room for platform differences without accepting a tie
