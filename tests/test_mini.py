@@ -30,6 +30,10 @@ def test_portraits_are_seeded_and_identities_differ():
     assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
     assert ((one.landmarks >= x1 - 1) & (one.landmarks <= x2 + 1)).all()
     assert P.caption(a).startswith("a photo of person with ")
+    # the UNet's caption of a photo names every attribute and what varies between photos
+    scene = P.scene_caption(a, one.nuisance)
+    assert all(phrase in scene for phrase in P.identity_phrases(a))
+    assert one.nuisance["shirt"] in scene and one.nuisance["background"].split()[0] in scene
 
 
 def test_heldout_identities_never_share_attributes_with_training():
@@ -132,6 +136,17 @@ def test_world_clip_matches_heldout_people_to_their_captions(heldout):
     assert to_person > to_wall
 
 
+def test_world_vae_encoder_is_fragile_to_pgd(heldout):
+    """The latent-space attacks' premise: a PGD perturbation at Anti-DreamBooth's budget moves the
+    encoder's mean several times further than uniform noise of the same budget."""
+    from benchbase_plugins.worlds.mini.train import vae_fragility
+
+    _, images = heldout
+    x = _as_tensor([per[0] for per in images[:4]])
+    shift = vae_fragility(M.load_vae(M.weights_dir()).requires_grad_(False), x, steps=10, step_levels=1.0)
+    assert shift["vae_latent_shift_pgd"] > 3 * shift["vae_latent_shift_noise"] > 0
+
+
 def test_upscaler_reparametrisation_is_exact(tmp_path):
     """diffusers forces 0.08333 on the upscaler's VAE: the rescaled copy decodes the same images."""
     from diffusers import StableDiffusionUpscalePipeline
@@ -195,7 +210,7 @@ def test_train_script_runs_end_to_end_at_a_tiny_scale(tmp_path):
                  "--identities", "6"]) == 0
     assert M.weights_present(out) is None and (out / "MODEL_CARD.md").is_file()
     info = M.world_info(out)
-    assert info["stages_done"] == ["data", "vae", "unet", "upscaler", "clip", "face"]
+    assert info["stages_done"] == ["data", "face", "clip", "vae", "unet", "upscaler"]
     # a second call finds everything done and does no work
     assert main(["--out", str(out), "--work", str(tmp_path / "work"), "--scale", "0.002", "--identities", "6"]) == 0
     assert M.world_info(out)["seconds"] == info["seconds"]

@@ -6,27 +6,32 @@ one resumes from its last checkpoint in the work folder):
 1. ``data``: render the training portraits (``train-<k>`` identities × images, random
    nuisances) with captions, and background-only images (the detector's negatives, CLIP's
    non-person images). Held-out identities are never rendered here.
-2. ``vae``: AutoencoderKL, L2 + L1 reconstruction + 1e-6·KL; then the latent scaling factor
-   is set to 1/std of the training latents (as SD's 0.18215 was chosen).
-3. ``unet``: text encoder and UNet trained jointly on latents with ε-prediction over SD's
-   scaled-linear 1000-step schedule; captions are a random subset of the identity's
-   attribute phrases (70 %), the class prompt "a photo of person" (20 %) or empty (10 %,
-   for classifier-free guidance).
-4. ``upscaler``: x4 upscaler UNet (16-px low-res image + 16×16 latents, noise-level class
-   embedding, v-prediction), text encoder frozen.
-5. ``clip``: open_clip CLIP, symmetric InfoNCE on (image, full caption) pairs, 10 % of them
-   backgrounds with "a photo of a <colour> <texture> wall".
-6. ``face``: face embedder (CosFace over the training identities, noise/blur/brightness
+2. ``face``: face embedder (CosFace over the training identities, noise/blur/brightness
    augmentation) and face detector (portrait vs background / patch-shuffled portrait /
-   random blobs; box and landmark regression on portraits).
+   random blobs; box and landmark regression on portraits). First, because they need only
+   the data and they are what judges the generative models.
+3. ``clip``: open_clip CLIP, symmetric InfoNCE on (image, full identity caption) pairs, 10 %
+   of them backgrounds with "a photo of a <colour> <texture> wall".
+4. ``vae``: AutoencoderKL, L2 + L1 reconstruction + KL with Stable Diffusion's weight (1e-6
+   against a pixel-summed reconstruction loss, so the encoder is as unregularised, and as
+   easy to push around, as SD's); then the latent scaling factor is set to 1/std of the
+   training latents (as SD's 0.18215 was chosen).
+5. ``unet``: text encoder and UNet trained jointly on latents with ε-prediction over SD's
+   scaled-linear 1000-step schedule; captions are the photo's full caption (every attribute,
+   expression, shirt and wall colour; 70 %), a random subset of the person's attributes
+   (10 %), the class prompt "a photo of person" (10 %) or empty (10 %, for classifier-free
+   guidance). The shipped weights are the exponential moving average of the trained ones.
+6. ``upscaler``: x4 upscaler UNet (16-px low-res image + 16×16 latents, noise-level class
+   embedding, v-prediction), text encoder frozen.
 
 Everything is seeded; the losses of every stage go to ``world.json`` (the model card reads
-them). On 2 CPU cores the whole run takes about an hour.
+them). On 2 CPU cores the whole run takes about two hours.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -47,9 +52,9 @@ DEFAULTS = {
     "train_identities": 1000,
     "images_per_identity": 16,
     "backgrounds": 2000,
-    "vae_steps": 3000, "vae_batch": 16, "vae_lr": 1e-3,
-    "unet_steps": 4000, "unet_batch": 32, "unet_lr": 5e-4,
-    "upscaler_steps": 1000, "upscaler_batch": 32, "upscaler_lr": 5e-4,
+    "vae_steps": 2500, "vae_batch": 16, "vae_lr": 1e-3,
+    "unet_steps": 5000, "unet_batch": 32, "unet_lr": 5e-4, "unet_ema": 0.999,
+    "upscaler_steps": 800, "upscaler_batch": 32, "upscaler_lr": 5e-4,
     "clip_steps": 800, "clip_batch": 128, "clip_lr": 1e-3,
     "face_steps": 1000, "face_batch": 64, "face_lr": 2e-3,
     "detector_steps": 400, "detector_batch": 64, "detector_lr": 2e-3,
@@ -57,7 +62,9 @@ DEFAULTS = {
 }
 SEEDS = {"text_embedding": 1001, "clip_embedding": 1002}
 CLASS_PROMPT = "a photo of person"
-STAGES = ("data", "vae", "unet", "upscaler", "clip", "face")
+# face and clip first: they need only the data, and the face models judge the generative ones
+STAGES = ("data", "face", "clip", "vae", "unet", "upscaler")
+KL_WEIGHT = 1e-6  # Stable Diffusion's autoencoder (relative to a pixel-summed reconstruction loss)
 
 
 def log(msg: str) -> None:
@@ -66,7 +73,7 @@ def log(msg: str) -> None:
 
 def _render_chunk(args):
     names, k = args
-    imgs, boxes, lms, caps = [], [], [], []
+    imgs, boxes, lms, caps, subsets = [], [], [], [], []
     for name in names:
         ident = P.identity(name)
         for s in range(k):
@@ -74,8 +81,9 @@ def _render_chunk(args):
             imgs.append(np.asarray(pt.image))
             boxes.append(pt.box)
             lms.append(pt.landmarks)
-            caps.append(P.caption(ident, np.random.default_rng([int(name.split("-")[1]), s])))
-    return np.stack(imgs), np.stack(boxes), np.stack(lms), caps
+            caps.append(P.scene_caption(ident, pt.nuisance))
+            subsets.append(P.caption(ident, np.random.default_rng([int(name.split("-")[1]), s])))
+    return np.stack(imgs), np.stack(boxes), np.stack(lms), caps, subsets
 
 
 def render_set(names: list[str], k: int, workers: int = 2) -> dict:
@@ -88,7 +96,47 @@ def render_set(names: list[str], k: int, workers: int = 2) -> dict:
         parts = list(tqdm(pool.imap(_render_chunk, chunks), total=len(chunks), desc="render portraits"))
     return {"images": np.concatenate([p[0] for p in parts]), "boxes": np.concatenate([p[1] for p in parts]),
             "landmarks": np.concatenate([p[2] for p in parts]), "captions": sum((p[3] for p in parts), []),
+            "subset_captions": sum((p[4] for p in parts), []),
             "identity": np.repeat(np.arange(len(names)), k)}
+
+
+FRAGILITY_EPS = 6.375  # levels: Anti-DreamBooth's budget, 0.05 in [-1, 1]
+
+
+def vae_fragility(vae, images: torch.Tensor, eps_levels: float = FRAGILITY_EPS, steps: int = 100,
+                  step_levels: float = 0.5, seed: int = 0) -> dict:
+    """How far an L∞ perturbation of ``eps_levels`` moves the encoder's posterior mean, relative
+    to the clean one (‖μ(x+δ) − μ(x)‖ / ‖μ(x)‖, mean over ``images`` in [0, 1]): PGD (sign steps
+    of ``step_levels`` maximising ‖μ(x+δ) − μ(x)‖₂ from a uniform random start) against uniform
+    noise of the same budget, both rounded to 8 bits within the budget like a protected PNG.
+    Latent-space protections rely on this amplification; Stable Diffusion's encoder is known to
+    be the weak point (Xue et al., ICLR'24)."""
+    from benchbase.images import quantize_to_budget
+
+    eps, gen = eps_levels / 255, torch.Generator().manual_seed(seed)
+    mean = lambda x: vae.encode(x * 2 - 1).latent_dist.mean  # noqa: E731
+    with torch.no_grad():
+        mu0 = mean(images)
+
+    def shift(x):
+        with torch.no_grad():
+            return ((mean(x) - mu0).flatten(1).norm(dim=1) / mu0.flatten(1).norm(dim=1))
+
+    noise = quantize_to_budget(images + (torch.rand(images.shape, generator=gen) * 2 - 1) * eps, images, eps_levels)
+    start = (torch.rand(images.shape, generator=gen) * 2 - 1) * eps
+    delta = ((images + start).clamp(0, 1) - images).requires_grad_(True)
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad((mean(images + delta) - mu0).flatten(1).norm(dim=1).sum(), delta)
+        with torch.no_grad():
+            delta += step_levels / 255 * grad.sign()
+            delta.clamp_(-eps, eps)
+            delta.copy_((images + delta).clamp(0, 1) - images)
+    pgd = quantize_to_budget(images + delta.detach(), images, eps_levels)
+    a, b = shift(pgd), shift(noise)
+    return {"vae_latent_shift_pgd": round(a.mean().item(), 4), "vae_latent_shift_pgd_sd": round(a.std().item(), 4),
+            "vae_latent_shift_noise": round(b.mean().item(), 4),
+            "vae_latent_shift_noise_sd": round(b.std().item(), 4),
+            "vae_latent_shift_images": len(images), "vae_latent_shift_eps_levels": eps_levels}
 
 
 class Trainer:
@@ -177,8 +225,8 @@ class Trainer:
         n_bg = min(cfg["backgrounds"], 2 * cfg["train_identities"])
         bgs = np.stack([np.asarray(P.background(s)) for s in range(n_bg)])
         bg_caps = [P.background_caption(s) for s in range(n_bg)]
-        ids = self.tokenizer(d["captions"], padding="max_length", max_length=77, truncation=True,
-                             return_tensors="np").input_ids
+        ids, subset_ids = (self.tokenizer(d[k], padding="max_length", max_length=77, truncation=True,
+                                          return_tensors="np").input_ids for k in ("captions", "subset_captions"))
         import open_clip
 
         full = [P.caption(P.identity(n)) for n in names]
@@ -189,12 +237,14 @@ class Trainer:
         tmp = self.work / "data.tmp.npz"
         np.savez(tmp, images=d["images"], boxes=d["boxes"].astype(np.float32),
                  landmarks=d["landmarks"].astype(np.float32), identity=d["identity"], caption_ids=ids,
+                 subset_ids=subset_ids,
                  clip_ids=clip_ids, backgrounds=bgs, clip_bg=clip_bg, heldout_images=h["images"],
                  heldout_identity=h["identity"],
                  heldout_clip_ids=open_clip.tokenize([P.caption(P.identity(n)) for n in heldout]).numpy())
         tmp.replace(self.work / "data.npz")
         self.info["data"] = {"train_images": int(len(d["images"])), "backgrounds": int(len(bgs)),
-                             "example_captions": d["captions"][:3], "generator_version": P.GENERATOR_VERSION}
+                             "example_captions": d["captions"][:2] + d["subset_captions"][:1],
+                             "generator_version": P.GENERATOR_VERSION}
 
     @staticmethod
     def to_float(u8: np.ndarray) -> torch.Tensor:
@@ -223,8 +273,11 @@ class Trainer:
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
             rec = vae.decode(z).sample
             l2, l1 = F.mse_loss(rec, x), F.l1_loss(rec, x)
-            kl = post.kl().mean() / x[0].numel()
-            loss = l2 + l1 + 1e-6 * kl * x[0].numel()
+            kl_sum = post.kl().mean()  # summed over the latent, mean over the batch
+            kl = kl_sum / post.mean[0].numel()  # logged per latent dimension
+            # SD's autoencoder: reconstruction summed over pixels + 1e-6 · KL summed over the latent.
+            # Our reconstruction terms are pixel means, so the KL is divided by the pixel count too.
+            loss = l2 + l1 + KL_WEIGHT * kl_sum / x[0].numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -243,6 +296,11 @@ class Trainer:
         self.info["vae_scaling_factor"] = scale
         self.info["eval"]["vae_heldout_psnr_db"] = round(10 * math.log10(1 / mse), 2)
         log(f"[vae] scaling factor {scale:.4f}, held-out reconstruction PSNR {10 * math.log10(1 / mse):.2f} dB")
+        # one image of each of 16 held-out people
+        frag = vae_fragility(vae.requires_grad_(False), self.to_float(d["heldout_images"][::4][:16]))
+        self.info["eval"].update(frag)
+        log(f"[vae] relative latent shift at {FRAGILITY_EPS} levels: PGD {frag['vae_latent_shift_pgd']}, "
+            f"uniform noise {frag['vae_latent_shift_noise']}")
         M.save_weights(self.out / "vae.safetensors", vae.state_dict())
 
     def load_vae(self):
@@ -265,10 +323,15 @@ class Trainer:
         return ids[0], ids[1]
 
     def caption_batch(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        ids = torch.from_numpy(self.data()["caption_ids"][idx.numpy()]).long()
+        """70 % the photo's full caption, 10 % a random subset of the person's attributes,
+        10 % the class prompt, 10 % empty (classifier-free guidance)."""
+        d = self.data()
+        ids = torch.from_numpy(d["caption_ids"][idx.numpy()]).long()
         cls, empty = self.class_and_empty_ids()
         u = torch.rand(len(idx), generator=gen)
-        ids[u < 0.3] = cls
+        subset = u < 0.3
+        ids[subset] = torch.from_numpy(d["subset_ids"][idx[subset].numpy()]).long()
+        ids[u < 0.2] = cls
         ids[u < 0.1] = empty
         return ids
 
@@ -286,11 +349,18 @@ class Trainer:
         others = [p for p in list(te.parameters()) + list(unet.parameters()) if all(p is not e for e in emb_params)]
         # no weight decay anywhere: untouched embedding rows must stay at their seeded init
         opt = torch.optim.AdamW([{"params": others}, {"params": emb_params}], lr=cfg["unet_lr"], weight_decay=0.0)
-        warm = 100
+        # the shipped weights are an exponential moving average of the trained ones (as diffusion
+        # models are released): much cleaner samples than the last iterate after a short training
+        ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+        pairs = [(e, p) for ema, live in ((ema_te, te), (ema_unet, unet))
+                 for e, p in zip(ema.parameters(), live.parameters())]
+        warm = 200
 
         def step(i, gen):
+            # warm-up, then cosine from unet_lr down to a tenth of it
+            frac = max(0.0, (i - warm) / max(1, cfg["unet_steps"] - warm))
             for g in opt.param_groups:
-                g["lr"] = cfg["unet_lr"] * min(1.0, (i + 1) / warm)
+                g["lr"] = cfg["unet_lr"] * min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
             idx = self.batch_idx(len(lat), cfg["unet_batch"], gen)
             z0 = lat[idx]
             noise = torch.randn(z0.shape, generator=gen)
@@ -302,11 +372,16 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(others, 1.0)
             opt.step()
+            decay = min(cfg["unet_ema"], (1 + i) / (10 + i))
+            with torch.no_grad():
+                for e, p in pairs:  # lerp leaves untouched embedding rows bit-exact (sparse storage)
+                    e.lerp_(p, 1 - decay)
             return {"mse": loss.item()}
 
-        self.loop("unet", cfg["unet_steps"], {"te": te, "unet": unet}, opt, step)
-        M.save_weights(self.out / "text_encoder.safetensors", te.state_dict(), SEEDS["text_embedding"])
-        M.save_weights(self.out / "unet.safetensors", unet.state_dict())
+        self.loop("unet", cfg["unet_steps"], {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet},
+                  opt, step)
+        M.save_weights(self.out / "text_encoder.safetensors", ema_te.state_dict(), SEEDS["text_embedding"])
+        M.save_weights(self.out / "unet.safetensors", ema_unet.state_dict())
 
     def load_text_encoder(self):
         return M.load_text_encoder(self.out, self.tokenizer)[1].eval().requires_grad_(False)
@@ -540,7 +615,7 @@ def write_model_card(out: Path, info: dict) -> None:
         "(`plugins/worlds/mini/portraits.py`). Written by `benchbase train-mini`; reproduce with",
         "",
         "```",
-        "benchbase train-mini --out DIR        # about an hour on 2 CPU cores; resumable",
+        "benchbase train-mini --out DIR        # about three hours on 2 CPU cores; resumable",
         "BENCHBASE_MINI_WEIGHTS=DIR benchbase run   # use them instead of the shipped ones",
         "```",
         "",
@@ -548,7 +623,8 @@ def write_model_card(out: Path, info: dict) -> None:
         f"- {cfg['train_identities']} training identities (`train-00000`…) × {cfg['images_per_identity']} "
         f"images = {info['data']['train_images']} portraits, plus {info['data']['backgrounds']} background-only "
         f"images; generator version {info['data']['generator_version']}.",
-        "- Captions: a random subset of the identity's attribute phrases, e.g. "
+        "- Captions (UNet): the photo's full caption 70 %, a random subset of the person's attributes 10 %, "
+        "the class prompt 10 %, empty 10 %; e.g. "
         + "; ".join(f"“{c}”" for c in info["data"]["example_captions"]) + ".",
         f"- Held-out identities (`heldout-000`…, the `mini` dataset) are never rendered for training; "
         f"{cfg['heldout_eval_identities']} of them give the held-out figures below.",
@@ -584,6 +660,8 @@ def write_model_card(out: Path, info: dict) -> None:
                      + "; ".join(f"step {r['step']}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys) for r in picks))
     lines += ["", "## Held-out evaluation", ""]
     lines += [f"- {k}: {v}" for k, v in info["eval"].items()]
+    if info.get("clean_check"):  # measured with the harness after training (docs/mini-protocol.md)
+        lines += ["", "## Clean check of the victim (no protection)", "", info["clean_check"]]
     lines += ["", f"Total training time: {info.get('total_seconds')} s (summed over resumed runs).", ""]
     if info.get("history_note"):
         lines += [info["history_note"], ""]
