@@ -198,7 +198,20 @@ def test_default_suite_is_the_mini_world_with_a_cell_filter():
 
     suite = load_suite(None)
     assert suite.name == "mini" and suite.backend.name == "mini" and suite.dataset.name == "mini"
-    assert suite.n_cells == 7  # 6 DreamBooth cells + the un-personalised base model
+    assert suite.n_cells == 4  # clean, noise, ASPL under DreamBooth + the un-personalised base model
+
+
+def test_default_suite_is_a_subset_of_the_preregistered_protocol():
+    """mini's cells are mini-full's with the same settings, so one store serves both."""
+    from benchbase.suite import load_suite
+
+    mini, full = load_suite("mini"), load_suite("mini-full")
+    for part in ("attacks", "personalizers", "metrics"):
+        small = {c.label: c for c in getattr(mini, part)}
+        big = {c.label: c for c in getattr(full, part)}
+        assert set(small) <= set(big), part
+        assert all(small[k].as_dict() == big[k].as_dict() for k in small), part
+    assert mini.dataset.params["identities"] < full.dataset.params["identities"]
 
 
 def test_train_script_runs_end_to_end_at_a_tiny_scale(tmp_path):
