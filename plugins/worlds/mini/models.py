@@ -139,10 +139,20 @@ def register_clip() -> str:
 
 
 def build_clip():
+    import logging
+
     import open_clip
 
     register_clip()
-    return open_clip.create_model(CLIP_NAME, pretrained=None)
+    # open_clip warns on the root logger that a model built without pretrained weights is random;
+    # the world's weights are loaded right after, and to a user the line reads like a failure
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(CLIP_NAME, pretrained=None)
+    finally:
+        root.setLevel(level)
 
 
 class _Block(nn.Module):
