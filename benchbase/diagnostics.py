@@ -224,7 +224,8 @@ def collect(df: pd.DataFrame, info_of: InfoOf) -> Diagnostics:
 # ---------------------------------------------------------------------------------------
 
 
-def _pm(mean: float, ci: float) -> str:
+def pm_text(mean: float, ci: float) -> str:
+    """``mean ± ci`` to 4 significant digits (losses differ in the second or third)."""
     if math.isnan(mean):
         return "–"
     return f"{mean:.4g}" if math.isnan(ci) else f"{mean:.4g} ± {ci:.2g}"
@@ -239,15 +240,15 @@ def markdown(diag: Diagnostics) -> str:
     if len(obj):
         frame = pd.DataFrame({
             "attack": obj["attack"], "objective": obj["objective"], "n identities": obj["identities"],
-            "first": [_pm(m, c) for m, c in zip(obj["first_mean"], obj["first_ci95"])],
-            "last": [_pm(m, c) for m, c in zip(obj["last_mean"], obj["last_ci95"])],
-            "last − first": [_pm(m, c) for m, c in zip(obj["change_mean"], obj["change_ci95"])]})
+            "first": [pm_text(m, c) for m, c in zip(obj["first_mean"], obj["first_ci95"])],
+            "last": [pm_text(m, c) for m, c in zip(obj["last_mean"], obj["last_ci95"])],
+            "last − first": [pm_text(m, c) for m, c in zip(obj["change_mean"], obj["change_ci95"])]})
         parts.append("\n### Attack objective, first → last recorded value (per outer iteration or PGD step)\n\n"
                      + md_table(frame) + "\n")
     loss = instance_loss_summary(diag.instance_losses)
     if len(loss):
         frame = loss[CHAIN].assign(**{"n identities": loss["identities"],
-                                      "final instance loss": [_pm(m, c) for m, c in
+                                      "final instance loss": [pm_text(m, c) for m, c in
                                                               zip(loss["final_mean"], loss["final_ci95"])]})
         parts.append("\n### Victim's final training loss on the instance images\n\n" + md_table(frame) + "\n")
     if not parts:
