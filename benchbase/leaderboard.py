@@ -519,6 +519,16 @@ def markdown(view: pd.DataFrame) -> str:
     return safe.to_markdown(index=False)
 
 
+def _diagnostics_markdown(run_dir: Path, df: pd.DataFrame, info: RunInfo) -> str:
+    """The ``Diagnostics`` section (attack objectives, victims' instance loss) from the stage
+    folders the records name; empty when the run recorded none or its store is not here."""
+    from benchbase import diagnostics
+    from benchbase.records import resolve_store
+
+    store = resolve_store(run_dir, None, info)
+    return diagnostics.markdown(diagnostics.collect(df, diagnostics.store_info(store)))
+
+
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     """Write leaderboard.md, one CSV per rendered view and ``cells_numeric.csv``; return the
     markdown path and text."""
@@ -534,6 +544,7 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
         parts.append(f"\n## {table.title}\n\n" + markdown(frame) + "\n")
         frame.to_csv(out_dir / f"{name}.csv", index=False)
     views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
+    parts.append(_diagnostics_markdown(run_dir, df, info))
     unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
     if len(unavailable):
         parts.append("\n## Unavailable metrics\n\n" + "\n".join(

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from benchbase.components import Prompts
 from benchbase.errors import BenchbaseError, ConfigError, DataError, DiskError, WeightsUnavailableError
 from benchbase.graph import Cell, CellPlan, Identity, Node, NodeAddress, Outcome, Plan
-from benchbase.models.sd import parse_device, resolve_device, resolve_dtype
+from benchbase.models.sd import parse_device, quiet_libraries, resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
 from benchbase.records import (
     RESULTS,
@@ -108,6 +108,7 @@ class Runner:
         self.run_dir = Path(run_dir)
         self.pm = manager or get_plugin_manager()
         self.progress_enabled = progress
+        self._libraries_quiet = False
         self.executor = executor
         self.echo = echo or (lambda line: None)  # one-line notes for the user (a stale lock taken over)
         self.in_process = getattr(executor, "in_process", True) if in_process is None else in_process
@@ -253,6 +254,12 @@ class Runner:
                 return up.failed_downstream(address.key, address.stage)
         if not self.in_process:
             raise RuntimeError("this session computes no stage: its executor runs them elsewhere")
+        if not self._libraries_quiet:
+            # before any stage builds, saves or loads a model: diffusers', transformers' and the hub's
+            # own bars ("Loading pipeline components", "Writing model shards") would leak into
+            # --no-progress and CI logs, and break benchbase's one bar per run on a terminal
+            quiet_libraries()
+            self._libraries_quiet = True
         before = Counter(self.store.executed)
         start = time.perf_counter()
         out = Outcome(key=address.key, stage=str(address.stage))

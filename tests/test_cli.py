@@ -68,3 +68,43 @@ def test_suite_executor_settings_reach_the_executor(tmp_path):
                      'executor = { name = "local", bogus = 1 }\n')
     out = run("run", str(suite), "--run-dir", str(tmp_path / "run"))
     assert out.returncode == 2 and "bogus" in out.stderr and "Traceback" not in out.stderr
+
+
+LIBRARY_BARS = '''
+import sys
+from diffusers.utils import logging as dlogging
+from huggingface_hub.utils import are_progress_bars_disabled
+from transformers import CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as tlogging
+
+from benchbase.pipeline import Runner
+from benchbase.suite import parse_suite
+
+before = [tlogging.is_progress_bar_enabled(), dlogging.is_progress_bar_enabled(), are_progress_bars_disabled()]
+suite = parse_suite({"name": "quiet", "backend": {"name": "tiny"},
+                     "dataset": {"name": "sample", "identities": ["astronaut"]},
+                     "attacks": ["none"], "purifiers": ["none"], "personalizers": ["dreambooth"],
+                     "metrics": ["psnr"]})
+Runner(suite, sys.argv[1], progress=False).run()
+after = [tlogging.is_progress_bar_enabled(), dlogging.is_progress_bar_enabled(), are_progress_bars_disabled()]
+print(before, after)
+# what a DreamBooth stage does when it saves a text encoder
+config = CLIPTextConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+CLIPTextModel(config).save_pretrained(sys.argv[2])
+'''
+
+
+def test_no_progress_keeps_the_model_libraries_bars_out_of_the_output(tmp_path):
+    """With benchbase's progress off (--no-progress, or no terminal), diffusers', transformers' and
+    the hub's own bars ("Writing model shards", "Loading ...") stay out of the output: the run
+    silences them before its first stage. The process starts with them on (else this proves
+    nothing), and the environment variable tests set is removed."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    out = subprocess.run([sys.executable, "-c", LIBRARY_BARS, str(tmp_path / "run"), str(tmp_path / "model")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[True, True, False] [False, False, True]"
+    assert "Writing model shards" not in out.stderr and "Loading" not in out.stderr, out.stderr[-2000:]
+    assert (tmp_path / "model" / "model.safetensors").is_file()

@@ -516,3 +516,147 @@ def test_report_renders_in_headless_chromium(tiny_run):
         assert links and all(width > 0 for _, width in loaded), [u for u, w in loaded if not w][:5]
     finally:
         driver.quit()
+
+
+# ---------------------------------------------------------------------------------------
+# Diagnostics: attack objectives, victims' instance loss, latent shift vs noise
+# ---------------------------------------------------------------------------------------
+
+
+def _ids_in(svg: Path, prefix: str) -> list[str]:
+    root = ElementTree.parse(svg).getroot()
+    return [e.get("id") for e in root.iter() if (e.get("id") or "").startswith(prefix)]
+
+
+def test_diagnostics_tables_count_a_shared_stage_once_and_pair_per_identity(tmp_path):
+    """A protect stage shared by two purifiers' cells is one trajectory; the objective's change
+    and the latent shift's excess over noise are paired per identity; the figures draw one line
+    per identity plus the mean."""
+    from benchbase import diagnostics
+    from benchbase.report import plots
+
+    rows, infos = [], {}
+    for identity, (first, last, final, shift, noise) in {"a": (1.0, 1.2, 0.30, 0.50, 0.10),
+                                                         "b": (2.0, 2.1, 0.40, 0.40, 0.20)}.items():
+        infos["protect", f"p-{identity}"] = {"objective": "L (maximised)", "objective_points": "one per PGD step",
+                                             "objective_trajectory": [first, (first + last) / 2, last]}
+        for purifier in ("none", "jpeg"):
+            infos["personalize", f"ft-{identity}-{purifier}"] = {
+                "final_instance_loss": final + (purifier == "jpeg"), "instance_loss_trajectory": [0.5, final],
+                "instance_loss_every": 10}
+            stages = {"protect": f"p-{identity}", "personalize": f"ft-{identity}-{purifier}"}
+            rows.append({"metric": "latent-shift", "metric_name": "latent-shift", "direction": "higher",
+                         "status": "ok", "value": shift, "attack": "aspl", "purifier": purifier,
+                         "identity": identity, "key": f"ls-{identity}", "stages": stages,
+                         "details": {"of": "protected", "noise_shift": noise, "linf_levels": 6.0}})
+    df = pd.DataFrame([r.to_json() for r in _records(rows)])
+    diag = diagnostics.collect(df, lambda stage, key: infos.get((stage, key)))
+    assert len(diag.objectives) == 2 and len(diag.latent_shifts) == 2  # not once per purifier
+    assert len(diag.instance_losses) == 4
+    (obj,) = diagnostics.objective_summary(diag.objectives).to_dict("records")
+    assert obj["identities"] == 2 and obj["change_mean"] == pytest.approx(0.15)
+    assert obj["change_ci95"] == pytest.approx(leaderboard.t95(2) * np.std([0.2, 0.1], ddof=1) / np.sqrt(2))
+    loss = diagnostics.instance_loss_summary(diag.instance_losses)
+    assert loss["final_mean"].tolist() == pytest.approx([0.35, 1.35])
+    (ls,) = diagnostics.latent_shift_summary(diag.latent_shifts).to_dict("records")
+    assert ls["diff_mean"] == pytest.approx(0.3) and ls["ratio"] == pytest.approx(0.45 / 0.15)
+    objective = plots.plot_objectives(diag.objectives, tmp_path / "o.svg")
+    assert len(_ids_in(objective, "objective-0-line-")) == 2 and _ids_in(objective, "objective-0-mean")
+    assert "L (maximised)" in _svg_text(objective)
+    losses = plots.plot_instance_losses(diag.instance_losses, tmp_path / "i.svg")
+    assert [len(_ids_in(losses, f"instance-loss-{i}-line-")) for i in range(3)] == [2, 2, 0]
+    assert len(_ids_in(plots.plot_latent_shifts(diag.latent_shifts, tmp_path / "l.svg"), "latent-shift-0-pair-")) == 2
+    # nothing recorded: no figure, no section in the leaderboard
+    none = diagnostics.collect(df.assign(metric_name="psnr"), lambda stage, key: None)
+    assert none.empty and diagnostics.markdown(none) == ""
+    assert plots.plot_objectives(none.objectives, tmp_path / "x.svg") is None
+
+
+@pytest.fixture(scope="module")
+def diag_run(tmp_path_factory):
+    """Two identities, noise and ASPL (2 outer iterations), DreamBooth for 11 steps (two values of
+    its instance-loss trajectory), the latent-shift metric."""
+    from benchbase.pipeline import Runner
+    from benchbase.suite import parse_suite
+
+    suite = parse_suite({
+        "name": "report-diagnostics", "backend": {"name": "tiny"},
+        "dataset": {"name": "sample", "identities": ["astronaut", "hopper"]},
+        "attacks": [{"name": "noise", "eps": 6}, {"name": "aspl", "max_train_steps": 2, "max_f_train_steps": 1,
+                                                  "max_adv_train_steps": 2, "num_class_images": 1,
+                                                  "class_inference_steps": 1}],
+        "purifiers": ["none"],
+        "personalizers": [{"name": "dreambooth", "max_train_steps": 11, "num_class_images": 1,
+                           "class_inference_steps": 1, "num_images_per_prompt": 1, "num_inference_steps": 1}],
+        "metrics": ["latent-shift", "ref-rmse"],
+    })
+    run_dir = tmp_path_factory.mktemp("diag-run")
+    summary = Runner(suite, run_dir, progress=False).run()
+    assert not summary.failed, summary.failed[:2]
+    return run_dir, report.write(run_dir)
+
+
+def test_report_diagnostics_of_a_run_with_an_attack_a_victim_and_latent_shift(diag_run):
+    run_dir, index = diag_run
+    out = index.parent
+    text = index.read_text()
+    page = Page(text)
+    assert not page.errors and not page.stack, page.errors[:3]
+    assert 'href="#diagnostics"' in text and 'id="diagnostics"' in text
+    srcs = [i["src"] for i in page.images]
+    assert {"plots/diag-objective.svg", "plots/diag-instance-loss.svg", "plots/diag-latent-shift.svg"} <= set(srcs)
+    # the objective: ASPL only (noise optimises nothing), one line per identity + the mean, 2 values each
+    objective = out / "plots" / "diag-objective.svg"
+    assert len(_ids_in(objective, "objective-0-line-")) == 2 and not _ids_in(objective, "objective-1-")
+    assert "surrogate denoising loss" in _svg_text(objective) and "maximised" in _svg_text(objective)
+    run = report.RunData(run_dir)
+    diag = run.diagnostics()
+    assert set(diag.objectives["attack"]) == {"aspl"} and diag.objectives["trajectory"].map(len).tolist() == [2, 2]
+    # the victim: one panel per configuration (noise, aspl), a line per identity, 11 steps = 2 values
+    losses = out / "plots" / "diag-instance-loss.svg"
+    assert [len(_ids_in(losses, f"instance-loss-{i}-line-")) for i in range(2)] == [2, 2]
+    assert diag.instance_losses["trajectory"].map(len).tolist() == [2, 2, 2, 2]
+    table = page.tables["table-diag-instance-loss"]
+    assert [r[0] for r in table["rows"]] == ["noise", "aspl"] and {r[4] for r in table["rows"]} == {"2"}
+    finals = [float(a[5]["data-v"]) for a in table["attrs"]]
+    assert finals == pytest.approx(diag.instance_losses.groupby("attack", sort=False)["final"].mean().tolist())
+    # the latent shift: a pair of dots per identity and attack, and the table's paired difference
+    shift = out / "plots" / "diag-latent-shift.svg"
+    assert [len(_ids_in(shift, f"latent-shift-{i}-pair-")) for i in range(2)] == [2, 2]
+    rows = {r[1]: r for r in page.tables["table-diag-latent-shift"]["rows"]}
+    assert set(rows) == {"noise", "aspl"}
+    assert [r[0] for r in page.tables["table-diag-objective"]["rows"]] == ["aspl"]
+    # the leaderboard prints the summaries as its own section
+    _, md = leaderboard.write(run_dir, out.parent / "lb")
+    diag_md = md.split("## Diagnostics", 1)[1]
+    assert "| aspl" in diag_md.split("### Victim")[0] and "surrogate denoising loss" in diag_md
+    assert diag_md.count("| dreambooth") == 2
+
+
+def test_a_report_without_diagnostics_says_so(tiny_run, tmp_path):
+    """A run whose store is not at hand (or that recorded no objective, no instance loss and no
+    latent shift) still renders, each diagnostic replaced by one sentence."""
+    run_dir, _ = tiny_run
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    index = report.write(run_dir, out_dir=tmp_path / "report", store=empty)
+    text = index.read_text()
+    page = Page(text)
+    assert not page.errors and not page.stack, page.errors[:3]
+    assert "recorded an objective trajectory" in text and "recorded the victim's instance loss" in text
+    assert "has no <code>latent-shift</code> metric" in text
+    assert not [i for i in page.images if "diag-" in i["src"]]
+    _, md = leaderboard.write(run_dir, tmp_path / "lb")
+    assert "## Diagnostics" in md  # the run's own store: its DreamBooth recorded the instance loss
+
+
+def test_tiny_run_report_draws_the_victims_instance_loss(tiny_run):
+    """The noise/none attacks record no objective; the one-step DreamBooth victims record their
+    loss: one panel per configuration (2 attacks x 2 purifiers), one identity each."""
+    run_dir, index = tiny_run
+    page = Page(index.read_text())
+    assert "plots/diag-instance-loss.svg" in [i["src"] for i in page.images]
+    assert "plots/diag-objective.svg" not in [i["src"] for i in page.images]
+    losses = index.parent / "plots" / "diag-instance-loss.svg"
+    assert [len(_ids_in(losses, f"instance-loss-{i}-line-")) for i in range(5)] == [1, 1, 1, 1, 0]
+    assert len(page.tables["table-diag-instance-loss"]["rows"]) == 4

@@ -13,6 +13,9 @@ Everything comes from what the run wrote, read through ``benchbase.records``:
 - ``plots``: metric distributions, the figures the run's components declared
   (``Component.report_figures``, recorded in run.json) and each stage's cost (own seconds,
   peak memory) from its ``_done.json``;
+- ``page``'s Diagnostics section: the attacks' objective trajectories, the victims' instance
+  loss and the latent shift against noise of the same budget (``benchbase.diagnostics``, drawn
+  by ``plots``);
 - ``gallery``: each cell's stage folders, named by its records' ``stages`` keys (the clean
   images are the ``clean`` stage);
 - ``page``: the page, provenance, and a local server.

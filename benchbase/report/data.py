@@ -3,7 +3,8 @@ run-record schema (``benchbase.records``) only.
 
 Each cell's stage folders come from its records' ``stages`` (and ``key`` for scores); the
 clean images from the ``clean`` stage. Nothing is inferred from key parts, no plugin is
-instantiated.
+instantiated. ``RunData.diagnostics()``: the tables of ``benchbase.diagnostics`` (objective
+trajectories, instance losses, latent shifts) from the records and the ``_done.json`` infos.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from benchbase import diagnostics
 from benchbase.records import Record, RunInfo, Stage, StageMeta, read_records_and_rows, read_run_info, resolve_store
 from benchbase.store import read_stage_metas
 
@@ -63,6 +65,17 @@ class RunData:
                 if stage in cell.keys and key:
                     cell.keys[stage] = key
         return list(cells.values())
+
+    def diagnostics(self) -> diagnostics.Diagnostics:
+        """Attack objectives, victims' instance losses and latent shifts (``benchbase.diagnostics``)
+        from the records and the stage folders' recorded info (no image loaded)."""
+        if not hasattr(self, "_diagnostics"):
+            def info_of(stage: str, key: str) -> dict | None:
+                meta = self.meta(stage, key)
+                return meta.info if meta is not None else None
+
+            self._diagnostics = diagnostics.collect(self.df, info_of)
+        return self._diagnostics
 
     def meta(self, stage: str, key: str | None) -> StageMeta | None:
         return self.metas.get(str(stage), {}).get(key) if key else None

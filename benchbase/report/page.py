@@ -13,9 +13,82 @@ import pandas as pd
 from benchbase.records import resolve_store
 from benchbase.report.data import RunData
 from benchbase.report.gallery import MAX_CELLS, MAX_SAMPLES, THUMB_SIZE, Thumbs, gallery_section
-from benchbase.report.html import esc, static
-from benchbase.report.plots import plots_section
-from benchbase.report.tables import frame_html, tables_section
+from benchbase.report.html import esc, href, static
+from benchbase.report.plots import (
+    MAX_PANELS,
+    plot_instance_losses,
+    plot_latent_shifts,
+    plot_objectives,
+    plots_section,
+)
+from benchbase.report.tables import frame_html, summary_html, tables_section
+
+
+def _figure(path: Path, out_dir: Path, alt: str) -> str:
+    return (f'<figure><img src="{esc(href(path, out_dir))}" alt="{esc(alt)}">'
+            f'<figcaption>{esc(alt)}</figcaption></figure>')
+
+
+def diagnostics_section(run: RunData, out_dir: Path) -> str:
+    """Why a protection works or fails here: the attacks' objectives over their optimisation,
+    the victims' loss on the instance images, the latent shift against noise of the same budget
+    (``benchbase.diagnostics``; docs/report.md says how to read them)."""
+    from benchbase import diagnostics
+
+    diag = run.diagnostics()
+    plots = out_dir / "plots"
+    parts = ['<h2 id="diagnostics">Diagnostics</h2><div class="plots">',
+             "<p>What the stages recorded besides images, to see <em>why</em> a protection works or fails "
+             "in this world (read in docs/report.md, “Diagnostics”). Thin grey lines: one per identity; "
+             "red: their mean.</p>"]
+    parts.append("<h3>Attack objective over the optimisation</h3>")
+    obj = diag.objectives
+    if len(obj):
+        attacks = obj["attack"].nunique()
+        if attacks > MAX_PANELS:
+            parts.append(f"<p>The first {MAX_PANELS} of {attacks} attacks are drawn.</p>")
+        parts.append(_figure(plot_objectives(obj, plots / "diag-objective.svg"), out_dir,
+                             "objective per outer iteration or PGD step, per attack"))
+        parts.append("<p>First and last recorded value per attack, mean over identities ± 95% interval; "
+                     "<em>last − first</em> is paired per identity.</p>")
+        parts.append(summary_html(diagnostics.objective_summary(obj), "table-diag-objective",
+                                  {"attack": "attack", "objective": "objective", "one value": "points"},
+                                  {"first": "first", "last": "last", "last − first": "change"},
+                                  {"n identities": "identities"}))
+    else:
+        parts.append("<p>No protect stage of this run recorded an objective trajectory (no surrogate or "
+                     "frozen-model attack, or a run from before attacks recorded one).</p>")
+    parts.append("<h3>Victim's loss on the instance images</h3>")
+    loss = diag.instance_losses
+    if len(loss):
+        path = plot_instance_losses(loss, plots / "diag-instance-loss.svg")
+        if path:
+            parts.append(_figure(path, out_dir, "instance loss over training, per personalize configuration"))
+        parts.append("<p>Final instance loss (the mean of the last 10 training steps) per configuration, "
+                     "mean over identities ± 95% interval.</p>")
+        parts.append(summary_html(diagnostics.instance_loss_summary(loss), "table-diag-instance-loss",
+                                  {c: c for c in diagnostics.CHAIN}, {"final instance loss": "final"},
+                                  {"n identities": "identities"}))
+    else:
+        parts.append("<p>No personalize stage of this run recorded the victim's instance loss.</p>")
+    parts.append("<h3>Latent shift vs uniform noise of the same budget</h3>")
+    shift = diag.latent_shifts
+    if len(shift):
+        parts.append(_figure(plot_latent_shifts(shift, plots / "diag-latent-shift.svg"), out_dir,
+                             "relative VAE latent shift per identity: the images vs noise of the same budget"))
+        parts.append("<p>Mean over identities ± 95% interval; <em>images − noise</em> is paired per "
+                     "identity; ratio = mean shift / mean noise shift.</p>")
+        parts.append(summary_html(diagnostics.latent_shift_summary(shift), "table-diag-latent-shift",
+                                  {"metric": "metric", "images": "label"},
+                                  {"latent shift": "shift", "noise, same budget": "noise_shift",
+                                   "images − noise": "diff"},
+                                  {"n identities": "identities", "L∞ (levels, max)": "linf_levels",
+                                   "ratio": "ratio"}))
+    else:
+        parts.append("<p>This run has no <code>latent-shift</code> metric (add it to the suite's metrics to "
+                     "compare each attack's latent shift with noise of the same budget).</p>")
+    parts.append("</div>")
+    return "\n".join(parts)
 
 
 def provenance_section(run: RunData) -> str:
@@ -73,9 +146,11 @@ def write(run_dir: Path, out_dir: Path | None = None, store: Path | None = None,
         f"<h1>benchbase report: suite <code>{esc(info.suite)}</code> (hash {esc(info.suite_hash)})</h1>",
         f"<p>{esc(info.backend.description)} · device {esc(info.device)} · status {esc(info.status)}"
         f" · {run.df['identity'].nunique()} identities · {len(run.cells)} cells</p>", warn,
-        '<nav><a href="#tables">Leaderboard</a><a href="#plots">Plots</a><a href="#images">Images</a>'
+        '<nav><a href="#tables">Leaderboard</a><a href="#plots">Plots</a>'
+        '<a href="#diagnostics">Diagnostics</a><a href="#images">Images</a>'
         '<a href="#provenance">Provenance</a></nav>',
-        tables_section(run), plots_section(run, out_dir), gallery_section(run, out_dir, thumbs, max_samples, max_cells),
+        tables_section(run), plots_section(run, out_dir), diagnostics_section(run, out_dir),
+        gallery_section(run, out_dir, thumbs, max_samples, max_cells),
         provenance_section(run),
         f"<footer><p>Written {esc(time.strftime('%Y-%m-%d %H:%M:%S'))} by <code>benchbase report</code>; "
         f"thumbnails {thumbs.total_bytes() / 1e6:.2f} MB.</p></footer>",

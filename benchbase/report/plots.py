@@ -306,3 +306,130 @@ def plots_section(run: RunData, out_dir: Path) -> str:
         parts.append("<p>No stage folder found in the store.</p>")
     parts.append("</div>")
     return "\n".join(parts)
+
+
+# -- diagnostics ---------------------------------------------------------------------------
+
+#: the most panels one diagnostics figure draws (a large grid would make it unreadable)
+MAX_PANELS = 24
+
+
+def _wrap(text: str, width: int = 48) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def _panels(n: int, width: float = 3.6, height: float = 2.8):
+    plt = _pyplot()
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _lines_and_mean(ax, trajectories: list[list[float]], xs_of, gid: str) -> None:
+    """One thin line per trajectory (``gid-line-<j>``) and their step-wise mean, thick
+    (``gid-mean``; over the trajectories that reach each step)."""
+    for j, t in enumerate(trajectories):
+        (line,) = ax.plot(xs_of(len(t)), t, lw=0.7, alpha=0.55, color="tab:gray")
+        line.set_gid(f"{gid}-line-{j}")
+    longest = max(len(t) for t in trajectories)
+    padded = np.full((len(trajectories), longest), np.nan)
+    for j, t in enumerate(trajectories):
+        padded[j, :len(t)] = t
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step no identity reached
+        mean = np.nanmean(padded, axis=0)
+    (line,) = ax.plot(xs_of(longest), mean, lw=2.0, color="tab:red", marker="o" if longest < 12 else None,
+                      ms=3, label=f"mean of {len(trajectories)}")
+    line.set_gid(f"{gid}-mean")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def plot_objectives(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Per attack (one panel each, at most ``MAX_PANELS``): its objective per outer iteration or
+    PGD step, one thin line per identity (and seed) and the mean, named as the attack recorded
+    it (``objective``: quantity and direction; ``points``: what one value is)."""
+    if not len(frame):
+        return None
+    attacks = list(dict.fromkeys(frame["attack"]))[:MAX_PANELS]
+    fig, axes = _panels(len(attacks))
+    for i, (ax, attack) in enumerate(zip(axes, attacks)):
+        sub = frame[frame["attack"] == attack]
+        _lines_and_mean(ax, list(sub["trajectory"]), lambda n: np.arange(1, n + 1), f"objective-{i}")
+        ax.set_title(_wrap(attack, 40))
+        ax.set_ylabel(_wrap(sub["objective"].iloc[0], 40), fontsize=7)
+        ax.set_xlabel(_wrap(sub["points"].iloc[0] or "recorded value", 48), fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def chain_label(row) -> str:
+    return " | ".join(str(row[c]) for c in ("attack", "purifier", "defense", "personalizer"))
+
+
+def plot_instance_losses(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Per personalize configuration (attack | purifier | defense | personalizer; one panel each,
+    at most ``MAX_PANELS``): the victim's loss on its instance images over training, one thin line
+    per identity (and seed) and the mean; a value is the mean of ``every`` steps (fewer for the
+    last), drawn at the first of them."""
+    frame = frame[frame["trajectory"].map(len) > 0]
+    if not len(frame):
+        return None
+    labels = frame.apply(chain_label, axis=1)
+    chains = list(dict.fromkeys(labels))[:MAX_PANELS]
+    fig, axes = _panels(len(chains))
+    for i, (ax, chain) in enumerate(zip(axes, chains)):
+        sub = frame[labels == chain]
+        every = int(sub["every"].iloc[0])
+        _lines_and_mean(ax, list(sub["trajectory"]), lambda n, k=every: np.arange(n) * k + 1,
+                        f"instance-loss-{i}")
+        ax.set_title(_wrap(chain, 44), fontsize=8)
+        ax.set_ylabel("instance loss (denoising MSE)", fontsize=7)
+        ax.set_xlabel(f"training step (each value: the mean of {every} steps from it)" if every > 1
+                      else "training step", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_latent_shifts(frame: pd.DataFrame, path: Path) -> Path | None:
+    """A paired dot plot: per image set (the attack's protected images, or purified ones), one
+    row; per identity a hollow dot at uniform noise's relative latent shift at the same budget,
+    a filled one at the images' own, joined by a line (``latent-shift-<i>-pair-<j>``); the means
+    as larger markers."""
+    if not len(frame):
+        return None
+    plt = _pyplot()
+    several = frame["metric"].nunique() > 1
+    frame = frame.assign(row=frame["label"] if not several else frame["metric"] + ": " + frame["label"])
+    rows = list(dict.fromkeys(frame["row"]))
+    fig, ax = plt.subplots(figsize=(6.0, 0.55 * len(rows) + 1.4))
+    for i, row in enumerate(rows):
+        sub = frame[frame["row"] == row].groupby("identity", sort=False)[["shift", "noise_shift"]].mean()
+        y = len(rows) - 1 - i
+        jitter = np.linspace(-0.18, 0.18, len(sub)) if len(sub) > 1 else np.zeros(1)
+        for j, ((_, r), dy) in enumerate(zip(sub.iterrows(), jitter)):
+            (line,) = ax.plot([r["noise_shift"], r["shift"]], [y + dy, y + dy], color="tab:gray", lw=0.7, alpha=0.7)
+            line.set_gid(f"latent-shift-{i}-pair-{j}")
+            ax.scatter([r["noise_shift"]], [y + dy], s=16, facecolors="none", edgecolors="tab:blue", zorder=3)
+            ax.scatter([r["shift"]], [y + dy], s=16, color="tab:red", zorder=3)
+        ax.scatter([sub["noise_shift"].mean()], [y], s=70, marker="|", color="tab:blue", zorder=4, lw=2)
+        ax.scatter([sub["shift"].mean()], [y], s=70, marker="|", color="tab:red", zorder=4, lw=2)
+    ax.scatter([], [], s=16, facecolors="none", edgecolors="tab:blue", label="uniform noise, same L∞ budget")
+    ax.scatter([], [], s=16, color="tab:red", label="the images (attack)")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([_wrap(r, 40) for r in reversed(rows)])
+    ax.set_xlabel("relative latent shift ‖μ(x′) − μ(x)‖ / ‖μ(x)‖ (VAE posterior mean)")
+    ax.set_title("latent shift per identity: the images vs noise of the same budget")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)

@@ -71,3 +71,30 @@ def tables_section(run: RunData) -> str:
             f"{esc(r.personalizer)} <code>{esc(r.metric)}</code>: {esc(r.error)}</li>"
             for r in failed.head(20).itertuples()) + "</ul>")
     return "\n".join(parts)
+
+
+def summary_html(frame: pd.DataFrame, table_id: str, text: dict[str, str], stats: dict[str, str],
+                 numbers: dict[str, str] | None = None) -> str:
+    """A sortable table of a diagnostics summary: ``text`` columns ({header: column}), plain
+    ``numbers`` and ``stats`` shown as ``mean ± 95% interval`` from ``<base>_mean`` and
+    ``<base>_ci95`` ({header: base}), each sorting by its mean."""
+    from benchbase.diagnostics import pm_text
+
+    columns = []
+    for header, name in text.items():
+        col = Column(header)
+        for v in frame[name].tolist():
+            col.add(str(v))
+        columns.append(col)
+    for header, name in (numbers or {}).items():
+        col = Column(header)
+        for v in frame[name].tolist():
+            ok = isinstance(v, Number) and math.isfinite(v)
+            col.add(f"{v:.4g}" if ok else "–", value=float(v) if ok else None)
+        columns.append(col)
+    for header, base in stats.items():
+        col = Column(header)
+        for m, c in zip(frame[f"{base}_mean"].tolist(), frame[f"{base}_ci95"].tolist()):
+            col.add(pm_text(m, c), value=m if math.isfinite(m) else None)
+        columns.append(col)
+    return table_html(Table(table_id, "", columns), table_id)
