@@ -3,6 +3,11 @@
     python benchmarks/profile_steps.py --backend mini            # the mini world, 64 px, CPU
     python benchmarks/profile_steps.py --backend tiny
     python benchmarks/profile_steps.py --backend mini --torch-profile 15   # + torch.profiler's top ops
+    python benchmarks/profile_steps.py --backend mini --code /tmp/bb-before  # another checkout's code
+
+``--code DIR`` imports ``benchbase`` and its bundled plugins from the checkout ``DIR`` instead
+of the installed one (the same venv otherwise): a before/after comparison of two commits
+(``git worktree add --detach /tmp/bb-before <commit>``), run in alternation on an idle machine.
 
 The loops are the bundled ones, unchanged. This script only wraps, in its own process, the
 calls every step is made of and times them (CPU: synchronous; CUDA: synchronised):
@@ -346,6 +351,54 @@ def reference(ctx, precision: str, n_images: int, latents: int, repeats: int = 5
     return out
 
 
+def use_checkout(root: Path) -> None:
+    """Import ``benchbase`` and ``benchbase_plugins`` from the checkout ``root`` (before any import
+    of them): a meta-path finder ahead of the editable install's."""
+    import importlib.util
+
+    folders = {"benchbase": root / "benchbase", "benchbase_plugins": root / "plugins"}
+    if any(name in sys.modules for name in folders):
+        raise RuntimeError("--code must take effect before benchbase is imported")
+
+    class Checkout:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            folder = folders.get(name)
+            if folder is None:
+                return None
+            return importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+
+    sys.meta_path.insert(0, Checkout)
+
+
+def summary(paths: list[Path]) -> int:
+    """Median wall (ms) and ratios per code checkout over earlier ``--json`` runs, in the order
+    the checkouts first appear, each against the first (the "before")."""
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        r = json.loads(path.read_text())
+        runs.setdefault(r.get("code", str(path)), []).append(r)
+    units = (("aspl", "iteration"), ("aspl", "surrogate step"), ("aspl", "pgd step"), ("dreambooth", "step"))
+    base = None
+    print(f"{'code':<28}{'unit':<26}{'runs':>5}{'wall ms':>10}{'/ timed':>9}{'/ isolated':>11}{'vs first':>10}")
+    for code, rs in runs.items():
+        for what, unit in units:
+            rows = [r[what][unit] for r in rs if unit in r.get(what, {})]
+            if not rows:
+                continue
+            wall = statistics.median(row["wall"] for row in rows)
+            timed = statistics.median(row["ratio"] for row in rows)
+            iso = [row["ratio_isolated"] for row in rows if "ratio_isolated" in row]
+            base = base or {}
+            first = base.setdefault((what, unit), wall)
+            print(f"{code[-27:]:<28}{what + ' ' + unit:<26}{len(rows):>5}{1000 * wall:>10.1f}{timed:>9.2f}"
+                  f"{statistics.median(iso) if iso else float('nan'):>11.2f}{wall / first:>10.3f}")
+    loads = [r["load"] for rs in runs.values() for r in rs]
+    print(f"load (1-min average at each run's start): {min(loads):.1f} to {max(loads):.1f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["mini", "tiny"], default="mini")
@@ -357,10 +410,18 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-profile", type=int, default=0, metavar="N")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--code", type=Path, default=None, metavar="DIR",
+                    help="import benchbase and its plugins from this checkout (before/after comparisons)")
+    ap.add_argument("--summary", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only print a before/after table of earlier --json files (median per --code)")
     args = ap.parse_args(argv)
+    if args.summary:
+        return summary(args.summary)
+    if args.code is not None:
+        use_checkout(args.code.resolve())
     clock = Clock(args.device.startswith("cuda"))
     patch_global(clock)
-    results = {"backend": args.backend, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
+    results = {"code": str(args.code or "installed"), "backend": args.backend, "threads": torch.get_num_threads(), "load": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as store:
         ctx = context(args.backend, Path(store), args.device)
         if args.what in ("aspl", "both"):
@@ -378,8 +439,8 @@ def main(argv=None) -> int:
                                "dreambooth step": ref_db["train step"]}
     results["load_after"] = os.getloadavg()[0]
     cols = ("wall", *CATEGORIES, "other", "bare compute", "ratio")
-    print(f"backend {args.backend}, {results['threads']} torch thread(s), load {results['load']:.1f} -> "
-          f"{results['load_after']:.1f}; milliseconds per unit")
+    print(f"code {results['code']}, backend {args.backend}, {results['threads']} torch thread(s), "
+          f"load {results['load']:.1f} -> {results['load_after']:.1f}; milliseconds per unit")
     print(f"{'':<22}" + "".join(f"{c[:12]:>13}" for c in cols))
     for what in ("aspl", "dreambooth"):
         for unit, row in results.get(what, {}).items():

@@ -445,3 +445,28 @@ def test_metacloak_trains_on_unscaled_instance_images_as_released(env, monkeypat
     MetaCloak(total_trial_num=1, pool_train_steps=2, pool_interval=2, advance_steps=1, defense_pgd_step_num=1,
               **CLASS).protect(x.clone(), _ctx(env))
     assert calls and all(float(images.max()) > 100 for images, _, _ in calls)  # ≈ (255·x + 1) / 2
+
+
+def test_fresh_optimizer_resets_in_place_to_a_new_adamws_update(tiny):
+    """ASPL's per-call AdamW reset (one optimizer, state zeroed in place) trains the same weights,
+    bit for bit, as a new AdamW per call (the released ``train_one_epoch``)."""
+    from benchbase.components import Prompts
+    from benchbase_plugins.attacks._surrogate import Surrogate, SurrogateParams
+
+    identity = sample_identity("astronaut", 64)
+
+    p = SurrogateParams(learning_rate=1e-3)
+    weights, opts = [], []
+    for reuse in (False, True):
+        models = tiny.load(torch.device("cpu"), torch.float32)
+        s = Surrogate(models, "full", train_text_encoder=True)
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(3):
+            opt = s.fresh_optimizer(p) if reuse else s.optimizer(p)
+            opts.append(opt)
+            s.train_steps(identity.set_B, 2, Prompts(), gen, optimizer=opt)
+        weights.append([t.detach().clone() for t in s.params])
+    assert opts[3] is opts[4] is opts[5]
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[1], tiny.load(torch.device("cpu"), torch.float32)
+                                                      .unet.parameters()))

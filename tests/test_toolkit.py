@@ -7,6 +7,7 @@ bit, in both prior modes (class images encoded every step, or a cached posterior
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -343,3 +344,30 @@ def test_personalizer_and_surrogate_run_the_same_steps(tiny, identity, tmp_path)
     surrogate = {n.removeprefix("unet."): p for n, p in s.named if n.startswith("unet.")}
     assert surrogate and surrogate.keys() <= victim.keys()
     assert all(torch.equal(victim[k], surrogate[k].detach()) for k in surrogate)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["joint-encode", "cached-class-posterior"])
+def test_posterior_cache_gives_the_latents_of_encoding_every_step(cached, tiny, identity):
+    """A batch that comes round again reuses its VAE posterior: the same weights, bit for bit, as
+    encoding it every step (the noise draws stay in order); one cache serves equal images only."""
+    from benchbase.toolkit import ClassPrior, PosteriorCache, adamw, dreambooth_steps
+
+    class_imgs = sample_identity("hopper", 64, images_per_set=2).set_A
+    weights, caches = [], []
+    for posteriors in (False, PosteriorCache()):
+        models = tiny.load(torch.device("cpu"), torch.float32)
+        models.unet.requires_grad_(True)
+        params = list(models.unet.parameters())
+        opt = adamw(params, lr=1e-3)
+        gen = torch.Generator().manual_seed(7)
+        prior = ClassPrior(class_imgs, models, cache_latents=cached)
+        for _ in range(2):  # the second call (a copy of the images) runs on the first one's posteriors
+            dreambooth_steps(models, params, opt, identity.set_B.clone(), 6, Prompts(), gen, prior=prior,
+                             max_grad_norm=1.0, posteriors=posteriors)
+        weights.append([p.detach().clone() for p in params])
+        caches.append(posteriors)
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    cache = caches[1]
+    # one entry per distinct batch: the instance images (with a joint encode: instance-class pairs)
+    assert len(cache.entries) == (len(identity.set_B) if cached else math.lcm(len(identity.set_B), 2)) < 12
+    assert cache.bind(identity.set_B.clone()) and not cache.bind(identity.set_B.flip(-1))

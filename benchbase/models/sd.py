@@ -127,15 +127,22 @@ class SDModels:
         self, images: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """[0,1] images -> scaled latents; a posterior sample (DreamBooth, ASPL) or the mean."""
-        x = (images.to(self.device, self.vae.dtype) * 2 - 1)
-        dist = self.vae.encode(x).latent_dist
+        mean, std = self.posterior(images)
         if sample:
-            noise = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(
-                self.device, dist.mean.dtype)
-            z = dist.mean + dist.std * noise
-        else:
-            z = dist.mean
-        return z * self.scaling_factor
+            return self.sample_posterior(mean, std, generator)
+        return mean * self.scaling_factor
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior (mean, std) of [0,1] images, unscaled."""
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype) * 2 - 1).latent_dist
+        return dist.mean, dist.std
+
+    def sample_posterior(self, mean: torch.Tensor, std: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latents ``(mean + std·ε)·s``, ε drawn in float32 on the CPU generator: the sample
+        ``encode_images`` draws, so a cached posterior gives the same latents from the same stream."""
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(self.device, mean.dtype)
+        return (mean + std * noise) * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         x = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample

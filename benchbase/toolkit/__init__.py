@@ -20,6 +20,7 @@ Importing this package imports torch; ``import benchbase`` does not. See docs/to
 from benchbase.toolkit.diffusion import Denoised, denoise, diffusion_loss
 from benchbase.toolkit.dreambooth import (
     ClassPrior,
+    PosteriorCache,
     adamw,
     class_images,
     dreambooth_steps,
@@ -46,6 +47,7 @@ __all__ = [
     "ClassPrior",
     "Denoised",
     "ObjectiveTrace",
+    "PosteriorCache",
     "ThreatView",
     "TrainingTrace",
     "adamw",

@@ -12,6 +12,7 @@ optionally clipping the gradient norm. The data index is deterministic, as Anti-
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,9 +131,50 @@ class ClassPrior:
         if not self.cached:
             return self.models.encode_images(self.select(idx), sample=True, generator=generator)
         sel = [i % len(self) for i in idx]
-        mean, std = self.mean[sel], self.std[sel]
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
-        return (mean + std * noise) * self.models.scaling_factor
+        return self.models.sample_posterior(self.mean[sel], self.std[sel], generator)
+
+
+class PosteriorCache:
+    """VAE posteriors of the batches a step loop encodes more than once, keyed by the batch's data
+    indices, for one constant image tensor (``images``) and one VAE.
+
+    The loop encodes the same pixels with the same batch shape whenever its data index comes
+    round again (DreamBooth: every ``lcm(N, M)`` images; ASPL's 3-step calls on the clean set_A:
+    every call), so the posterior (mean, std) it gets is the same tensor; only the sample
+    ``(mean + std·ε)·s`` is drawn afresh, from the same generator in the same order as
+    :meth:`SDModels.encode_images` draws it. The latents, hence the run, are bit-identical to
+    encoding every step, one VAE forward less per repeat. A cache belongs to the first image
+    tensor it is used with; the loop uses it only for equal images (the same values, e.g. one
+    data order re-indexed per call), and only when no defense transforms the batch. The VAE
+    weights must not change while it is kept (MetaCloak casts them between its phases: its
+    cache lives for the pool run only).
+    """
+
+    def __init__(self, images: torch.Tensor | None = None):
+        self.images = images
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bind(self, images: torch.Tensor) -> bool:
+        """Whether this cache holds posteriors of ``images`` (binding it on first use)."""
+        if self.images is None:
+            self.images = images
+        return self.images is images or (self.images.shape == images.shape and self.images.device == images.device
+                                         and self.images.dtype == images.dtype and torch.equal(self.images, images))
+
+    def sample(self, models: "SDModels", key: tuple, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        hit = self.entries.get(key)
+        if hit is None:
+            hit = self.entries[key] = models.posterior(pixels)
+        return models.sample_posterior(*hit, generator)
+
+
+def _period(k: int, n: int, m: int | None) -> int:
+    """Steps after which the loop's batches repeat (instance index mod n, class index mod m)."""
+    p = n // math.gcd(n, k)
+    if m is not None:
+        q = m // math.gcd(m, k)
+        p = p * q // math.gcd(p, q)
+    return p
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,6 +205,7 @@ def dreambooth_steps(
     progress: Callable | None = None,
     desc: str = "dreambooth",
     trace: TrainingTrace | None = None,
+    posteriors: PosteriorCache | bool = True,
 ) -> list[float]:
     """``steps`` DreamBooth steps on ``images`` ((N, 3, H, W) in [0, 1]) with the instance prompt,
     plus the prior term on ``prior``'s class images with the class prompt; returns each step's loss.
@@ -179,6 +222,12 @@ def dreambooth_steps(
     that gets each step's instance loss (the mean MSE of the instance half, without the prior and
     defense terms; then ``trace.record(ctx.info)``). Random draws from ``generator``, per step: the
     VAE samples (instance, then class), the noise, the timesteps.
+
+    ``posteriors``: ``True`` keeps, within this call, the VAE posterior of each batch that comes
+    round again (a :class:`PosteriorCache`; the same latents as encoding it every step); a
+    ``PosteriorCache`` of ``images`` is used and filled (it outlives the call: ASPL's calls on the
+    constant set_A); ``False`` encodes every step. Either way only while no defense transforms
+    the batch (``Defense.transform_batch`` not overridden).
     """
     unet = unet if unet is not None else models.unet
     text_encoder = text_encoder if text_encoder is not None else models.text_encoder
@@ -193,7 +242,21 @@ def dreambooth_steps(
     unet.train()
     text_encoder.train(train_text_encoder)
     n = len(images)
+    from benchbase.components import Defense
+
+    cache: PosteriorCache | None = None
+    if defense is None or type(defense).transform_batch is Defense.transform_batch:
+        if isinstance(posteriors, PosteriorCache):
+            cache = posteriors if posteriors.bind(images) else None
+        elif posteriors and _period(k, n, len(prior) if prior is not None and not prior.cached else None) < steps:
+            cache = PosteriorCache(images)
     losses: list[float] = []
+
+    def encode(pixels: torch.Tensor, key: tuple) -> torch.Tensor:
+        if cache is None:
+            return models.encode_images(pixels, sample=True, generator=generator)
+        return cache.sample(models, key, pixels, generator)
+
     it: Iterable[int] = range(steps)
     if progress is not None:
         it = progress(it, desc=desc, leave=False)
@@ -207,14 +270,14 @@ def dreambooth_steps(
         if defense is not None:
             batch = defense.transform_batch(batch, ctx)
         with torch.no_grad():
+            inst = tuple(i % n for i in idx)  # the cache key: which images make the batch
             if prior is None:
-                latents = models.encode_images(batch["instance_images"], sample=True, generator=generator)
+                latents = encode(batch["instance_images"], (inst,))
             elif prior.cached and batch["class_images"] is picked:
-                latents = torch.cat([models.encode_images(batch["instance_images"], sample=True, generator=generator),
-                                     prior.sample(idx, generator)])
+                latents = torch.cat([encode(batch["instance_images"], (inst,)), prior.sample(idx, generator)])
             else:  # one VAE pass over instance and class images (a defense may have changed them)
                 pixels = torch.cat([batch["instance_images"], batch["class_images"].to(models.device)])
-                latents = models.encode_images(pixels, sample=True, generator=generator)
+                latents = encode(pixels, (inst, tuple(i % len(prior) for i in idx)))
         with torch.enable_grad():  # also when the caller runs under no_grad
             with torch.autocast(models.device.type, dtype=autocast or torch.bfloat16, enabled=use_autocast):
                 cond = fixed_cond if fixed_cond is not None else text_encoder(ids)[0].repeat_interleave(k, dim=0)

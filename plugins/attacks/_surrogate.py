@@ -22,7 +22,15 @@ from pydantic import Field
 from benchbase.components import Attack, Context, Prompts
 from benchbase.images import load_image, to_uint8
 from benchbase.models.sd import SDModels
-from benchbase.toolkit import ClassPrior, adamw, add_lora, class_images, dreambooth_steps, lora_parameters
+from benchbase.toolkit import (
+    ClassPrior,
+    PosteriorCache,
+    adamw,
+    add_lora,
+    class_images,
+    dreambooth_steps,
+    lora_parameters,
+)
 
 from ._precision import Precision
 
@@ -98,6 +106,7 @@ class Surrogate:
             add_lora(self.unet, lora_rank, init="kaiming", generator=generator)
         self.named = self._select(trainable)
         self.params = [p for _, p in self.named]
+        self._reset: tuple[dict, torch.optim.Optimizer] | None = None  # see fresh_optimizer
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.train_text_encoder:
@@ -146,15 +155,36 @@ class Surrogate:
         finally:
             self.set_trainable(True)
 
-    def optimizer(self, p: SurrogateParams | None = None, lr: float | None = None) -> torch.optim.Optimizer:
-        """A fresh AdamW over the trainable tensors (Anti-DB defaults)."""
+    @staticmethod
+    def _adam_kwargs(p: SurrogateParams | None, lr: float | None) -> dict:
         kw = dict(lr=5e-7, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
         if p is not None:
             kw = dict(lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2),
                       weight_decay=p.adam_weight_decay, eps=p.adam_epsilon)
         if lr is not None:
             kw["lr"] = lr
-        return adamw(self.params, **kw)
+        return kw
+
+    def optimizer(self, p: SurrogateParams | None = None, lr: float | None = None) -> torch.optim.Optimizer:
+        """A new AdamW over the trainable tensors (Anti-DB defaults), its own state."""
+        return adamw(self.params, **self._adam_kwargs(p, lr))
+
+    def fresh_optimizer(self, p: SurrogateParams | None = None, lr: float | None = None) -> torch.optim.Optimizer:
+        """The AdamW of a call that starts afresh (Anti-DB's ``train_one_epoch`` makes a new one per
+        call): one optimizer per surrogate whose state is zeroed in place (moments and step
+        counts), which is what a new AdamW starts from — the same update, bit for bit, without
+        allocating and filling the moment buffers twice per ASPL iteration. Tensors that got no
+        gradient keep no state in either (AdamW creates it on a tensor's first gradient)."""
+        kw = self._adam_kwargs(p, lr)
+        if self._reset is None or self._reset[0] != kw:
+            self._reset = (kw, adamw(self.params, **kw))
+            return self._reset[1]
+        opt = self._reset[1]
+        state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        if state:
+            with torch.no_grad():
+                torch._foreach_zero_(state)
+        return opt
 
     # -- conditioning ----------------------------------------------------------------------
 
@@ -178,6 +208,7 @@ class Surrogate:
         prior_loss_weight: float = 1.0,
         progress: Callable | None = None,
         offset: int = 0,
+        posteriors: PosteriorCache | bool = True,
     ) -> list[float]:
         """``steps`` DreamBooth steps on ``images`` (instance prompt) plus, when ``class_latents``
         is given, the prior term on class images (class prompt): loss = MSE_inst + w·MSE_prior
@@ -185,16 +216,18 @@ class Surrogate:
 
         Step ``s`` takes instance images ``(s·b + j) mod N`` and class images ``(s·b + j) mod M``
         with ``s`` restarting at 0 in every call, exactly as Anti-DB's ``train_one_epoch`` indexes
-        its dataset (so a 3-step call sees instance images 0, 1, 2 only). A fresh AdamW is made
-        when ``optimizer`` is None (ASPL/SimAC/MetaCloak reset it every call); pass one to keep
-        its state across calls. ``offset`` continues the data index of an earlier call (one long
-        run split into chunks, e.g. MetaCloak's model pool).
+        its dataset (so a 3-step call sees instance images 0, 1, 2 only). A fresh AdamW
+        (``fresh_optimizer``) when ``optimizer`` is None (ASPL/SimAC/MetaCloak reset it every
+        call); pass one to keep its state across calls. ``offset`` continues the data index of an earlier call (one long
+        run split into chunks, e.g. MetaCloak's model pool). ``posteriors``: see
+        ``dreambooth_steps`` (a ``PosteriorCache`` kept across calls on the same clean images).
         """
         return dreambooth_steps(
-            self.models, self.params, optimizer or self.optimizer(p), images, steps, prompts, generator,
+            self.models, self.params, optimizer or self.fresh_optimizer(p), images, steps, prompts, generator,
             unet=self.unet, text_encoder=self.text_encoder, train_text_encoder=self.train_text_encoder,
             prior=class_latents, prior_loss_weight=prior_loss_weight, batch_size=batch_size,
-            max_grad_norm=max_grad_norm, offset=offset, progress=progress, desc="surrogate")
+            max_grad_norm=max_grad_norm, offset=offset, progress=progress, desc="surrogate",
+            posteriors=posteriors)
 
 
 # ---------------------------------------------------------------------------------------

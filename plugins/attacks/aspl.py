@@ -5,14 +5,14 @@ and ensemble (E-ASPL) variants: VinAIResearch/Anti-DreamBooth ``attacks/aspl.py`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context, Prompts
-from benchbase.toolkit import ClassPrior, ObjectiveTrace, denoise, pgd, threat_view
+from benchbase.toolkit import ClassPrior, ObjectiveTrace, PosteriorCache, denoise, pgd, threat_view
 
 from ._precision import weights_precision
 from ._surrogate import (
@@ -33,6 +33,8 @@ class Member:
     class_latents: ClassPrior | None
     target: torch.Tensor | None = None
     extra: dict | None = None  # method-specific state (SimAC's timestep sets)
+    #: VAE posteriors of the clean set_A's training batches (the same every iteration)
+    posteriors: PosteriorCache = field(default_factory=PosteriorCache)
 
     @property
     def models(self):
@@ -121,11 +123,12 @@ class ASPL(Attack):
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def _train(self, member: Member, images: torch.Tensor, prompts: Prompts, ctx: Context) -> list[float]:
+    def _train(self, member: Member, images: torch.Tensor, prompts: Prompts, ctx: Context,
+               posteriors: PosteriorCache | bool = True) -> list[float]:
         p = self.params
         return member.surrogate.train_steps(
             images, p.max_f_train_steps, prompts, ctx.generator, p=p, class_latents=member.class_latents,
-            max_grad_norm=p.max_grad_norm, prior_loss_weight=p.prior_loss_weight)
+            max_grad_norm=p.max_grad_norm, prior_loss_weight=p.prior_loss_weight, posteriors=posteriors)
 
     def _pgd(self, member: Member, x0: torch.Tensor, x: torch.Tensor, cond: torch.Tensor, ctx: Context,
              purify: Callable | None) -> tuple[torch.Tensor, list[float]]:
@@ -140,7 +143,7 @@ class ASPL(Attack):
         p = self.params
         s = member.surrogate
         theta = s.state("cpu" if p.offload_state else None)
-        self._train(member, set_A, prompts, ctx)  # θ' ← θ trained on clean set_A
+        self._train(member, set_A, prompts, ctx, member.posteriors)  # θ' ← θ trained on clean set_A
         cond = s.encode_prompts([prompts.instance] * len(x))
         x_new, losses = self._pgd(member, x0, x, cond, ctx, purify)
         s.load_state(theta)  # back to θ

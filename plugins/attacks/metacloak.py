@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from benchbase.components import Attack, Context
-from benchbase.toolkit import ObjectiveTrace, denoise, pgd, random_start, threat_view
+from benchbase.toolkit import ObjectiveTrace, PosteriorCache, denoise, pgd, random_start, threat_view
 
 from ._precision import DTYPES, cast_for, weights_precision
 from ._surrogate import (
@@ -137,7 +137,8 @@ class MetaCloak(Attack):
         return (x * 255 + 1) / 2 if self.params.paper_quirks else x
 
     def _train(self, s: Surrogate, images: torch.Tensor, steps: int, prompts, ctx: Context, cl, *,
-               optimizer=None, offset: int = 0, order: torch.Tensor | None = None) -> torch.Tensor:
+               optimizer=None, offset: int = 0, order: torch.Tensor | None = None,
+               posteriors: PosteriorCache | bool = True) -> torch.Tensor:
         """DreamBooth steps on ``images`` in the release's order: a fresh permutation of the
         instance images per dataset (pass ``order`` to continue one dataset across chunks).
         Returns the permutation used."""
@@ -146,7 +147,7 @@ class MetaCloak(Attack):
             order = torch.randperm(len(images), generator=ctx.generator)
         s.train_steps(self._instance_view(images[order.to(images.device)]), steps, prompts, ctx.generator,
                       optimizer=optimizer, p=p, class_latents=cl, max_grad_norm=p.max_grad_norm,
-                      prior_loss_weight=p.prior_loss_weight, offset=offset)
+                      prior_loss_weight=p.prior_loss_weight, offset=offset, posteriors=posteriors)
         return order
 
     def model_pool(self, s: Surrogate, x0: torch.Tensor, prompts, ctx: Context, cl) -> list[dict]:
@@ -154,10 +155,12 @@ class MetaCloak(Attack):
         kept at the start of every save point (``metacloak.py`` ``train_few_step``)."""
         pool, done, order = [], 0, None
         optimizer = s.optimizer(self.params)
+        # the clean images' posteriors, kept across the run's chunks (before any fp16 cast of the VAE)
+        posteriors = PosteriorCache()
         for point in self._save_points():
             if point > done:
                 order = self._train(s, x0, point - done, prompts, ctx, cl, optimizer=optimizer,
-                                    offset=done, order=order)
+                                    offset=done, order=order, posteriors=posteriors)
                 done = point
             pool.append(s.state("cpu"))
         return pool
