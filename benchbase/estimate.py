@@ -206,6 +206,15 @@ class Estimate:
     missing: dict = field(default_factory=lambda: defaultdict(set))  # op -> components lacking it
     notes: list = field(default_factory=list)
 
+    def add(self, stage: str, label: str, seconds: float, missing) -> None:
+        """Count one unique stage of `stage` for component `label`, its time and the ops it lacks."""
+        self.counts[stage] += 1
+        self.seconds[stage] += seconds
+        self.by_label[(stage, label)][0] += 1
+        self.by_label[(stage, label)][1] += seconds
+        for op in missing:
+            self.missing[op].add(f"{stage} ({label})")
+
     @property
     def total(self) -> float:
         return sum(self.seconds.values())
@@ -355,18 +364,8 @@ def estimate(suite: Suite, device: str | None = None, costs_file: Path | None = 
             total += seconds
             missing |= miss
             for s_stage, s_seconds, s_missing in shared:
-                est.counts[s_stage] += 1
-                est.seconds[s_stage] += s_seconds
-                est.by_label[(s_stage, label)][0] += 1
-                est.by_label[(s_stage, label)][1] += s_seconds
-                for op in s_missing:
-                    est.missing[op].add(f"{s_stage} ({label})")
-        est.counts[stage] += 1
-        est.seconds[stage] += total
-        est.by_label[(stage, label)][0] += 1
-        est.by_label[(stage, label)][1] += total
-        for op in missing:
-            est.missing[op].add(f"{stage} ({label})")
+                est.add(s_stage, label, s_seconds, s_missing)
+        est.add(stage, label, total, missing)
     return est
 
 
