@@ -34,6 +34,8 @@ ROLES: dict[str, str] = {
     "pixel-diffusion": "folder(name) -> a local unconditional pixel model folder (DDPMPipeline or UNet2DModel "
                        "+ scheduler), a hub id, or a guided-diffusion .pt checkpoint",
     "lpips": "load(name, device) -> a module d(a, b) of [-1, 1] images, LPIPS-shaped (one distance per pair)",
+    "face-restorer": "a class built as cls(weights, ctx, upscale=k) with restore(images, fidelity, ctx) -> [0,1] "
+                     "images (fidelity: CodeFormer's w, 1 keeps the input); realign's `restorer`",
 }
 
 

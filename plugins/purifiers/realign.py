@@ -289,8 +289,10 @@ class Realign(Purifier):
     (w = 0.5, RetinaFace-ResNet50, paste back at 2x) on every image, PIL bicubic down to 128 px,
     then the SD x4 upscaler ("A photo of a person", 75 steps, guidance 9, noise level 20).
 
-    ``restorer = "none"`` drops the face restoration (the chain is then ``sr``); ``"gfpgan"``
-    or a name registered with ``register_face_restorer`` swaps it. ``clip_guided = true``
+    ``restorer = "none"`` drops the face restoration (the chain is then ``sr``); ``"gfpgan"``,
+    a name registered with ``register_face_restorer`` or a ``face-restorer`` model
+    (``benchbase ls models``; ``"auto"``: the backend's, e.g. mini v3's CodeFormer) swaps it;
+    ``sr = false`` drops the upscaling step (the restorer alone). ``clip_guided = true``
     turns on the CLIP-guided strength (a benchbase extension, module docstring).
     ``low_res`` is stated at 512 px and scales with the image side.
     """
@@ -307,6 +309,9 @@ class Realign(Purifier):
         restorer_weights: str | None = None
         fidelity_weight: float = Field(0.5, ge=0, le=1, description="CodeFormer's w")
         restorer_upscale: int = Field(2, ge=1, description="CodeFormer's final upscale (its -s)")
+        #: False: the face restorer alone (DiffShortcut's ``code.sh`` without ``sr.sh``), the
+        #: output resized back to the input size
+        sr: bool = True
         model: str = UPSCALER
         prompt: str = "A photo of a person"
         num_inference_steps: int = Field(75, ge=1)
@@ -353,10 +358,19 @@ class Realign(Purifier):
         name = self.params.restorer
         if name == "none":
             return None
-        if name not in FACE_RESTORERS:
-            raise ConfigError(f"realign: unknown face restorer {name!r}; known: none, {', '.join(sorted(FACE_RESTORERS))}")
         if self._restorer is None:
-            self._restorer = FACE_RESTORERS[name](self.params.restorer_weights, ctx, upscale=self.params.restorer_upscale)
+            if name in FACE_RESTORERS:
+                factory = FACE_RESTORERS[name]
+            else:  # a restorer registered by a plugin under the `face-restorer` role ("auto": the backend's)
+                from benchbase.errors import UnknownComponentError
+                from benchbase.plugins import find_model
+
+                try:
+                    factory = find_model("face-restorer", name, ctx).load()
+                except (UnknownComponentError, ConfigError) as exc:
+                    raise ConfigError(f"realign: unknown face restorer {name!r} ({exc}); built in: none, "
+                                      f"{', '.join(sorted(FACE_RESTORERS))}") from None
+            self._restorer = factory(self.params.restorer_weights, ctx, upscale=self.params.restorer_upscale)
         return self._restorer
 
     def chain(self, images: torch.Tensor, fidelity: float, noise_level: int, ctx: Context) -> torch.Tensor:
@@ -367,6 +381,8 @@ class Realign(Purifier):
         sr = self.upscaler()
         restorer = self.face_restorer(ctx)
         restored = images if restorer is None else restorer.restore(images, fidelity, ctx)
+        if not p.sr:
+            return resize(restored, (h, w)).to(images.device, images.dtype).clamp(0, 1)
         low = pil_resize(restored, sr.low_res_side(w))
         pipe = sr.pipeline(ctx)
         outs = []

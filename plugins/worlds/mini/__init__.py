@@ -34,6 +34,20 @@ def register_models(register):
              description="the mini world's open_clip CLIP, trained on its portraits and captions")
     register("x4-upscaler", "mini", f"{_W}.roles:upscaler_folder",
              description="the mini world's x4 upscaler (16 px -> 64 px)")
+    # world v3 (backend `mini` with version = "v3"): its own detector and CLIP, v2's embedder and
+    # upscaler, and the organs v2 lacks
+    register("face-detector", "mini-v3", f"{_W}.roles:MiniDetectorV3",
+             description="mini world v3's detector (trained with CodeFormer's degradations), 64 px")
+    register("face-embedder", "mini-v3", f"{_W}.roles:MiniEmbedderV3",
+             description="mini world v3's identity embedder (v2's), 128-d")
+    register("clip", "mini-v3", f"{_W}.roles:MiniClipV3",
+             description="mini world v3's CLIP (knows the class prompt and noisy photos)")
+    register("x4-upscaler", "mini-v3", f"{_W}.roles:upscaler_folder_v3",
+             description="mini world v3's x4 upscaler (v2's, with its own text encoder)")
+    register("face-restorer", "mini-v3", f"{_W}.roles:MiniRestorer",
+             description="mini world v3's CodeFormer (64 px, fidelity w)")
+    register("pixel-diffusion", "mini-v3", f"{_W}.roles:pixel_model_folder_v3",
+             description="mini world v3's unconditional pixel DDPM (64 px)")
 
 
 @hookimpl

@@ -11,7 +11,7 @@ class noun the world was trained with: "a photo of sks person" / "a photo of per
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -29,15 +29,19 @@ class MiniDataset(Dataset):
         images_per_set: int = Field(4, ge=1)
         seed: int = Field(0, ge=0)
         identifier: str = "sks"
+        #: which people a number of identities draws: "protocol" (heldout-000 …, for measuring)
+        #: or "selection" (heldout-500 …, for choosing a world, a recipe or a threshold on clean
+        #: data: never the people a protocol measures on)
+        split: Literal["protocol", "selection"] = "protocol"
 
     def identities(self) -> list[str]:
-        from .portraits import heldout_names
+        from .portraits import heldout_names, selection_names
 
         ids = self.params.identities
         if isinstance(ids, int):
             if ids < 1:
                 raise DataError("mini dataset: identities must be at least 1")
-            return heldout_names(ids)
+            return selection_names(ids) if self.params.split == "selection" else heldout_names(ids)
         bad = [i for i in ids if not i.startswith("heldout-")]
         if bad:
             raise DataError(f"mini dataset: {bad} are not held-out identities (names look like heldout-000); "

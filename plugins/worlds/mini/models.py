@@ -46,20 +46,33 @@ EMBED_INIT_STD = 0.02
 UPSCALER_SCALING = 0.08333  # the SD x4 upscaler's latent scaling, which diffusers' pipeline enforces
 
 
-def weights_dir() -> Path:
-    """The shipped weights, or ``$BENCHBASE_MINI_WEIGHTS`` (weights you trained elsewhere)."""
-    override = os.environ.get("BENCHBASE_MINI_WEIGHTS")
-    return Path(override) if override else Path(str(resources.files(__package__) / "weights"))
+#: world versions: v2 (weights/, protocol 1's world) and v3 (weights/v3/: v2 + a face restorer,
+#: a pixel diffusion model, noise in its vocabulary, a CLIP that knows the class prompt)
+VERSIONS = ("v2", "v3")
+WEIGHT_FILES = {
+    "v2": ("vae", "text_encoder", "unet", "upscaler", "clip", "face"),
+    "v3": ("vae", "text_encoder", "unet", "upscaler", "upscaler_text_encoder", "clip", "face", "restorer", "pixel"),
+}
+WEIGHTS_ENV = {"v2": "BENCHBASE_MINI_WEIGHTS", "v3": "BENCHBASE_MINI_V3_WEIGHTS"}
 
 
-def weights_present(folder: Path | None = None) -> str | None:
-    """None when every shipped weight file is there, else the sentence saying what is missing."""
-    folder = folder or weights_dir()
-    missing = [f for f in ("vae", "text_encoder", "unet", "upscaler", "clip", "face")
-               if not (folder / f"{f}.safetensors").is_file()]
+def weights_dir(version: str = "v2") -> Path:
+    """The shipped weights of ``version``, or ``$BENCHBASE_MINI_WEIGHTS`` (v2) /
+    ``$BENCHBASE_MINI_V3_WEIGHTS`` (v3): weights you trained elsewhere."""
+    override = os.environ.get(WEIGHTS_ENV[version])
+    if override:
+        return Path(override)
+    root = Path(str(resources.files(__package__) / "weights"))
+    return root if version == "v2" else root / version
+
+
+def weights_present(folder: Path | None = None, version: str = "v2") -> str | None:
+    """None when every weight file of ``version`` is there, else the sentence saying what is missing."""
+    folder = folder or weights_dir(version)
+    missing = [f for f in WEIGHT_FILES[version] if not (folder / f"{f}.safetensors").is_file()]
     if missing or not (folder / "world.json").is_file():
-        return (f"unavailable: benchbase-mini weights ({', '.join(missing) or 'world.json'}) missing in {folder} "
-                f"— reinstall benchbase or run `benchbase train-mini`")
+        return (f"unavailable: benchbase-mini {version} weights ({', '.join(missing) or 'world.json'}) missing in "
+                f"{folder} — reinstall benchbase or run `benchbase train-mini --version {version}`")
     return None
 
 
@@ -315,12 +328,12 @@ def clip_tokenizer():
         return build_clip_tokenizer(Path(tmp))
 
 
-def load_text_encoder(folder: Path, tokenizer=None):
-    """(tokenizer, text encoder) with the weights in ``folder``."""
+def load_text_encoder(folder: Path, tokenizer=None, file: str = "text_encoder"):
+    """(tokenizer, text encoder) with the weights ``file`` in ``folder``."""
     tokenizer = tokenizer or clip_tokenizer()
     text_encoder = build_text_encoder(tokenizer)
     seed = world_info(folder)["seeds"]["text_embedding"]
-    text_encoder.load_state_dict(load_weights(folder / "text_encoder.safetensors", seed))
+    text_encoder.load_state_dict(load_weights(folder / f"{file}.safetensors", seed))
     return tokenizer, text_encoder
 
 
@@ -350,7 +363,10 @@ def build_upscaler_folder(tmp: Path, folder: Path | None = None) -> None:
     from diffusers import StableDiffusionUpscalePipeline
 
     folder = folder or weights_dir()
-    tokenizer, text_encoder = load_text_encoder(folder)
+    # v3 keeps v2's upscaler with the text encoder it was trained with (like SD's x4 upscaler,
+    # which has a text encoder of its own)
+    own = (folder / "upscaler_text_encoder.safetensors").is_file()
+    tokenizer, text_encoder = load_text_encoder(folder, file="upscaler_text_encoder" if own else "text_encoder")
     unet = build_upscaler_unet()
     unet.load_state_dict(load_weights(folder / "upscaler.safetensors"))
     vae = load_vae(folder)
@@ -373,54 +389,75 @@ def build_upscaler_folder(tmp: Path, folder: Path | None = None) -> None:
     pipe.save_pretrained(tmp)
 
 
-def ensure_folder(kind: str) -> Path:
-    """``kind`` = "pipeline" or "upscaler": the diffusers folder, built once per weights digest."""
-    missing = weights_present()
+def build_pixel_folder(tmp: Path, folder: Path | None = None) -> None:
+    """v3's unconditional pixel model as a ``DDPMPipeline`` folder (the ``pixel-diffusion`` role)."""
+    from diffusers import DDPMPipeline
+
+    from .organs import build_pixel_unet, pixel_scheduler
+
+    unet = build_pixel_unet()
+    unet.load_state_dict(load_weights((folder or weights_dir("v3")) / "pixel.safetensors"))
+    DDPMPipeline(unet=unet, scheduler=pixel_scheduler()).save_pretrained(tmp)
+
+
+def require(version: str) -> Path:
+    """The weights folder of ``version``; WeightsUnavailableError when a file is missing."""
+    missing = weights_present(version=version)
     if missing:
         from benchbase.errors import WeightsUnavailableError
 
         raise WeightsUnavailableError(missing)
-    digest = fingerprint()
-    build = {"pipeline": build_pipeline_folder, "upscaler": build_upscaler_folder}[kind]
-    return build_folder_once(cache_root() / "mini" / f"{kind}-{digest}-v{MINI_FORMAT}", build,
+    return weights_dir(version)
+
+
+def ensure_folder(kind: str, version: str = "v2") -> Path:
+    """``kind`` = "pipeline", "upscaler" or "pixel" (v3): the diffusers folder, built once per
+    weights digest."""
+    folder = require(version)
+    digest = fingerprint(folder)
+    build = {"pipeline": build_pipeline_folder, "upscaler": build_upscaler_folder, "pixel": build_pixel_folder}[kind]
+    return build_folder_once(cache_root() / "mini" / f"{kind}-{digest}-v{MINI_FORMAT}",
+                             lambda tmp: build(tmp, folder),
                              {"kind": kind, "weights": digest, "format": MINI_FORMAT}, marker="benchbase_mini.json")
 
 
 _CACHE: dict[str, object] = {}
 
 
-def load_clip():
+def load_clip(version: str = "v2"):
     """The world's open_clip model (eval mode, CPU), its preprocess and tokenizer."""
-    if "clip" not in _CACHE:
+    if ("clip", version) not in _CACHE:
         import open_clip
 
-        missing = weights_present()
-        if missing:
-            from benchbase.errors import WeightsUnavailableError
-
-            raise WeightsUnavailableError(missing)
+        folder = require(version)
         model = build_clip()
-        info = world_info()
-        model.load_state_dict(load_weights(weights_dir() / "clip.safetensors", info["seeds"]["clip_embedding"]))
+        info = world_info(folder)
+        model.load_state_dict(load_weights(folder / "clip.safetensors", info["seeds"]["clip_embedding"]))
         model.eval().requires_grad_(False)
         size = CLIP_CONFIG["vision_cfg"]["image_size"]
         model.visual.preprocess_cfg = {"size": size, "mean": CLIP_MEAN, "std": CLIP_STD}  # as trained
         preprocess = open_clip.image_transform(CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False,
                                                mean=CLIP_MEAN, std=CLIP_STD)
-        _CACHE["clip"] = (model, preprocess, open_clip.get_tokenizer(CLIP_NAME))
-    return _CACHE["clip"]
+        _CACHE[("clip", version)] = (model, preprocess, open_clip.get_tokenizer(CLIP_NAME))
+    return _CACHE[("clip", version)]
 
 
-def load_face_models() -> tuple[FaceEmbedderNet, FaceDetectorNet]:
-    if "face" not in _CACHE:
-        missing = weights_present()
-        if missing:
-            from benchbase.errors import WeightsUnavailableError
-
-            raise WeightsUnavailableError(missing)
-        state = load_weights(weights_dir() / "face.safetensors")
+def load_face_models(version: str = "v2") -> tuple[FaceEmbedderNet, FaceDetectorNet]:
+    if ("face", version) not in _CACHE:
+        state = load_weights(require(version) / "face.safetensors")
         emb, det = FaceEmbedderNet(), FaceDetectorNet()
         emb.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("emb.")})
         det.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("det.")})
-        _CACHE["face"] = (emb.eval().requires_grad_(False), det.eval().requires_grad_(False))
-    return _CACHE["face"]
+        _CACHE[("face", version)] = (emb.eval().requires_grad_(False), det.eval().requires_grad_(False))
+    return _CACHE[("face", version)]
+
+
+def load_restorer(version: str = "v3"):
+    """v3's face restorer (``organs.MiniCodeFormer``), eval mode, CPU."""
+    if ("restorer", version) not in _CACHE:
+        from .organs import MiniCodeFormer
+
+        net = MiniCodeFormer()
+        net.load_state_dict(load_weights(require(version) / "restorer.safetensors"))
+        _CACHE[("restorer", version)] = net.eval().requires_grad_(False)
+    return _CACHE[("restorer", version)]

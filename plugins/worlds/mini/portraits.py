@@ -114,6 +114,24 @@ def heldout_names(n: int, exclude_train: int = 4096) -> list[str]:
     return out
 
 
+#: first index of the selection identities: held-out people on whom every choice about a world
+#: (checkpoint, victim recipe, realign's chain, thresholds) is made; protocols draw their
+#: identities below it (``heldout-000`` …), so no protocol identity ever informs a choice
+SELECTION_START = 500
+
+
+def selection_names(n: int, exclude_train: int = 4096) -> list[str]:
+    """The first ``n`` selection identities (``heldout-500`` onwards, training look-alikes skipped)."""
+    taken = {identity(t).key() for t in train_names(exclude_train)}
+    out, k = [], SELECTION_START
+    while len(out) < n:
+        name = f"heldout-{k:03d}"
+        if identity(name).key() not in taken:
+            out.append(name)
+        k += 1
+    return out
+
+
 def identity_phrases(ident: Identity) -> list[str]:
     """Every drawn attribute of a person as a phrase, in a fixed order."""
     a = ident.attributes

@@ -25,6 +25,7 @@ class MiniDetector:
     meaningful on 64-px images of the mini world."""
 
     name: ClassVar[str] = "mini"
+    version: ClassVar[str] = "v2"
 
     def __init__(self, threshold: float = 0.5, device: str | torch.device = "cpu", **_):
         from .models import load_face_models
@@ -32,17 +33,17 @@ class MiniDetector:
         missing = self.available()
         if missing:
             raise WeightsUnavailableError(missing)
-        self.net = load_face_models()[1]
+        self.net = load_face_models(self.version)[1]
         self.threshold = threshold
 
     def describe(self) -> str:
-        return f"benchbase-mini detector, threshold {self.threshold}"
+        return f"benchbase-mini {self.version} detector, threshold {self.threshold}"
 
     @classmethod
     def available(cls) -> str | None:
         from .models import weights_present
 
-        return weights_present()
+        return weights_present(version=cls.version)
 
     @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[list[Face]]:
@@ -73,6 +74,7 @@ class MiniEmbedder:
     box is not used."""
 
     name: ClassVar[str] = "mini"
+    version: ClassVar[str] = "v2"
     has_dropout: ClassVar[bool] = False
 
     def __init__(self, **_):
@@ -81,13 +83,13 @@ class MiniEmbedder:
         missing = self.available()
         if missing:
             raise WeightsUnavailableError(missing)
-        self.net = load_face_models()[0]
+        self.net = load_face_models(self.version)[0]
 
     @classmethod
     def available(cls) -> str | None:
         from .models import weights_present
 
-        return weights_present()
+        return weights_present(version=cls.version)
 
     @torch.no_grad()
     def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
@@ -98,17 +100,19 @@ class MiniClip:
     """The ``clip`` role: the world's open_clip CLIP, trained on its portraits and captions
     (``pretrained`` is ignored: the weights are the world's)."""
 
-    @staticmethod
-    def available(name: str, pretrained: str | None) -> str | None:
+    version: ClassVar[str] = "v2"
+
+    @classmethod
+    def available(cls, name: str, pretrained: str | None) -> str | None:
         from .models import weights_present
 
-        return weights_present()
+        return weights_present(version=cls.version)
 
-    @staticmethod
-    def load(name: str, pretrained: str | None):
+    @classmethod
+    def load(cls, name: str, pretrained: str | None):
         from .models import load_clip
 
-        return load_clip()
+        return load_clip(cls.version)
 
 
 def upscaler_folder(name: str) -> str:
@@ -117,3 +121,72 @@ def upscaler_folder(name: str) -> str:
     from .models import ensure_folder
 
     return str(ensure_folder("upscaler"))
+
+
+# ---------------------------------------------------------------------------------------
+# v3: the same roles on v3's weights (registered as "mini-v3"), and its new organs
+# ---------------------------------------------------------------------------------------
+
+
+class MiniDetectorV3(MiniDetector):
+    """v3's face detector: v2's architecture trained again with CodeFormer's degradations on
+    positives and negatives (a blurry or noisy face is still a face)."""
+
+    name: ClassVar[str] = "mini-v3"
+    version: ClassVar[str] = "v3"
+
+
+class MiniEmbedderV3(MiniEmbedder):
+    """v3's face embedder: v2's, unchanged."""
+
+    name: ClassVar[str] = "mini-v3"
+    version: ClassVar[str] = "v3"
+
+
+class MiniClipV3(MiniClip):
+    """v3's CLIP: trained on full captions, the class prompt and noisy portraits."""
+
+    version: ClassVar[str] = "v3"
+
+
+def upscaler_folder_v3(name: str) -> str:
+    """v3's x4 upscaler: v2's, with the v2 text encoder it was trained with."""
+    from .models import ensure_folder
+
+    return str(ensure_folder("upscaler", "v3"))
+
+
+def pixel_model_folder_v3(name: str) -> str:
+    """The ``pixel-diffusion`` role: v3's unconditional pixel DDPM (64 px, guided-diffusion's
+    linear schedule) as a ``DDPMPipeline`` folder."""
+    from .models import ensure_folder
+
+    return str(ensure_folder("pixel", "v3"))
+
+
+class MiniRestorer:
+    """The ``face-restorer`` role: v3's CodeFormer (``organs.MiniCodeFormer``). The world's
+    portraits are aligned 64-px face crops already, so there is no detection, alignment or
+    paste-back: the network runs on the whole image at fidelity ``w`` (CodeFormer's
+    ``inference_codeformer.py --has_aligned`` path). ``upscale`` > 1 resizes the output as
+    CodeFormer's paste-back at ``-s`` would (bicubic)."""
+
+    def __init__(self, weights: str | None, ctx, upscale: int = 1):
+        from .models import load_restorer, weights_present
+
+        missing = weights_present(version="v3")
+        if missing:
+            raise WeightsUnavailableError(missing)
+        self.net = load_restorer("v3")
+        self.upscale = upscale
+        self.faces: list[int] = []
+
+    @torch.no_grad()
+    def restore(self, images: torch.Tensor, fidelity: float, ctx) -> torch.Tensor:
+        x = _mini_input(images)
+        out = (self.net(x * 2 - 1, w=float(fidelity)).clamp(-1, 1) + 1) / 2
+        self.faces = [1] * len(out)
+        side = images.shape[-1] * self.upscale
+        if out.shape[-1] != side:
+            out = torch.nn.functional.interpolate(out, size=(side, side), mode="bicubic", align_corners=False)
+        return from_uint8(to_uint8(out.clamp(0, 1))).to(images.device, images.dtype)

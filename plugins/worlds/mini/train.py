@@ -236,7 +236,7 @@ class Trainer:
         full = [P.caption(P.identity(n)) for n in names]
         clip_ids = open_clip.tokenize(full).numpy()
         clip_bg = open_clip.tokenize(bg_caps).numpy()
-        heldout = P.heldout_names(cfg["heldout_eval_identities"])
+        heldout = self.eval_names()
         h = render_set(heldout, 4)
         tmp = self.work / "data.tmp.npz"
         np.savez(tmp, images=d["images"], boxes=d["boxes"].astype(np.float32),
@@ -249,6 +249,10 @@ class Trainer:
         self.info["data"] = {"train_images": int(len(d["images"])), "backgrounds": int(len(bgs)),
                              "example_captions": d["captions"][:2] + d["subset_captions"][:1],
                              "generator_version": P.GENERATOR_VERSION}
+
+    def eval_names(self) -> list[str]:
+        """The held-out identities the trainer's own figures are measured on."""
+        return P.heldout_names(self.cfg["heldout_eval_identities"])
 
     @staticmethod
     def to_float(u8: np.ndarray) -> torch.Tensor:
@@ -675,14 +679,23 @@ def write_model_card(out: Path, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchbase train-mini", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=M.weights_dir(), help="where the weights go (default: the package)")
-    ap.add_argument("--work", type=Path, default=M.cache_root() / "mini-train",
-                    help="data and checkpoints (resume from here)")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ",".join(STAGES))
+    ap.add_argument("--out", type=Path, default=None, help="where the weights go (default: the package's folder of the version)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="data and checkpoints (resume from here; default: the cache's mini-train[-v3])")
+    ap.add_argument("--stages", default=None, help="comma-separated subset of the version's stages (v2: " + ",".join(STAGES) + ")")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count (0.01: a quick check)")
     ap.add_argument("--identities", type=int, default=None, help="training identities (default 1000)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--version", choices=("v2", "v3"), default="v2",
+                    help="v2: the original world; v3: v2 plus restorer, pixel model, noise vocabulary (train_v3.py)")
+    ap.add_argument("--v2", type=Path, default=None, help="v3 only: the v2 weights it builds on (default: shipped)")
     args = ap.parse_args(argv)
+    args.out = args.out or M.weights_dir(args.version)
+    args.work = args.work or M.cache_root() / ("mini-train" if args.version == "v2" else f"mini-train-{args.version}")
+    if args.version == "v3":
+        from benchbase_plugins.worlds.mini import train_v3
+
+        return train_v3.main(args)
     cfg = dict(DEFAULTS)
     for k in list(cfg):
         if k.endswith("_steps"):
@@ -691,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg["train_identities"] = args.identities
     if args.threads:
         torch.set_num_threads(args.threads)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or ",".join(STAGES)).split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")

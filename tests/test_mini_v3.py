@@ -1,0 +1,145 @@
+"""benchbase-mini v3: its organs (restorer, pixel model, noise vocabulary), the selection
+identities, and the version switch of the backend and roles. These run without v3's weights;
+a test that needs them skips, saying so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchbase_plugins.worlds.mini import models as M
+from benchbase_plugins.worlds.mini import organs as O
+from benchbase_plugins.worlds.mini import portraits as P
+
+
+def _portraits(n: int = 4, seed: int = 0) -> torch.Tensor:
+    from benchbase.images import pil_to_tensor
+
+    ident = P.identity("heldout-500")
+    return torch.stack([pil_to_tensor(P.render(ident, seed + i).image) for i in range(n)])
+
+
+def test_selection_identities_are_disjoint_from_every_protocol_identity():
+    sel = P.selection_names(64)
+    assert len(set(sel)) == 64 and all(int(n.split("-")[1]) >= P.SELECTION_START for n in sel)
+    assert not set(sel) & set(P.heldout_names(P.SELECTION_START))
+    # and they are people the training never saw
+    taken = {P.identity(t).key() for t in P.train_names(4096)}
+    assert not {P.identity(n).key() for n in sel} & taken
+
+
+def test_mini_dataset_draws_selection_identities_on_request():
+    from benchbase_plugins.worlds.mini.dataset import MiniDataset
+
+    assert MiniDataset(identities=3).identities() == P.heldout_names(3)
+    assert MiniDataset(identities=3, split="selection").identities() == P.selection_names(3)
+
+
+def test_degradations_are_codeformers_kinds_and_stay_in_range():
+    x = _portraits()
+    gen = torch.Generator().manual_seed(0)
+    for level in ("small", "large"):
+        y = O.degrade(x, gen, level)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+        assert (y - x).abs().mean() > 0.005  # something happened
+    # the large degradations remove more detail than the small ones (on average over draws)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    small = torch.stack([(O.degrade(x, g1, "small") - x).abs().mean() for _ in range(4)]).mean()
+    large = torch.stack([(O.degrade(x, g2, "large") - x).abs().mean() for _ in range(4)]).mean()
+    assert large > small
+
+
+def test_noise_overlays_add_high_frequency_energy_within_their_amplitude():
+    x = _portraits()
+    gen = torch.Generator().manual_seed(0)
+    for kind in range(len(O.NOISE_PHRASES)):
+        y = torch.stack([O.noise_overlay(img, kind, gen) for img in x])
+        assert (y - x).abs().max() <= 32 / 255 + 1e-6 if kind == 0 else True
+        assert (O.high_frequency_energy(y) > O.high_frequency_energy(x)).all()
+
+
+def test_codeformer_fidelity_weight_controls_the_input_path():
+    torch.manual_seed(0)
+    net = O.MiniCodeFormer().eval()
+    for fuse in net.fuse.values():  # untrained CFT blocks: give them a non-zero effect
+        for p in fuse.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    x = _portraits(2) * 2 - 1
+    with torch.no_grad():
+        prior = net(x, w=0.0)
+        half, full = net(x, w=0.5), net(x, w=1.0)
+        out, logits, lq = net.restore(x, w=1.0)
+    assert prior.shape == x.shape and logits.shape == (2, O.CODE_SIDE ** 2, O.CODEBOOK_SIZE)
+    assert torch.equal(out, full)
+    # w = 0 decodes the predicted codes only; w > 0 adds the input's features, more with larger w
+    assert not torch.allclose(prior, half) and (full - prior).abs().mean() > (half - prior).abs().mean()
+
+
+def test_pixel_model_views_match_gridpures_geometry():
+    x = _portraits(8)
+    v = O.pixel_training_views(x, torch.Generator().manual_seed(0))
+    assert v.shape == (8, 3, O.PIXEL_SIDE, O.PIXEL_SIDE)
+    unet = O.build_pixel_unet()
+    assert unet.config.sample_size == 32  # GrIDPure's window on 64 px: 32 at stride 16
+    out = unet(v[:2] * 2 - 1, torch.tensor([10, 500])).sample
+    assert out.shape == v[:2].shape
+    s = O.pixel_scheduler()
+    assert s.config.beta_schedule == "linear" and s.config.num_train_timesteps == 1000
+
+
+def test_v3_backend_says_what_is_missing_without_its_weights(tmp_path, monkeypatch):
+    from benchbase.errors import WeightsUnavailableError
+    from benchbase_plugins.worlds.mini.backend import MiniBackend
+
+    monkeypatch.setenv("BENCHBASE_MINI_V3_WEIGHTS", str(tmp_path))
+    backend = MiniBackend(version="v3")
+    assert backend.default_models["face-restorer"] == "mini-v3"
+    assert MiniBackend().default_models.get("face-restorer") is None  # v2 has no restorer
+    with pytest.raises(WeightsUnavailableError, match="train-mini --version v3"):
+        backend.fingerprint()
+    # v2's fingerprint keeps its form, so protocol 1's stage keys stay valid
+    assert MiniBackend().fingerprint() == f"mini-{M.fingerprint()}"
+
+
+def test_v3_roles_are_registered_for_the_backend_to_find():
+    from benchbase.plugins import get_plugin_manager
+    from benchbase_plugins.worlds.mini.backend import MiniBackend
+
+    pm = get_plugin_manager()
+    backend = MiniBackend(version="v3")
+    for role in ("face-detector", "face-embedder", "clip", "x4-upscaler", "face-restorer", "pixel-diffusion"):
+        assert pm.find_model(role, "auto", backend).name == "mini-v3", role
+
+
+def test_realign_finds_a_restorer_by_role_and_can_drop_the_upscaler():
+    """realign with a face-restorer model registered by a plugin, and sr = false: the restorer
+    alone, at the input size (a stand-in restorer, so no weights are needed)."""
+    from benchbase.components import Context
+    from benchbase_plugins.purifiers.realign import FACE_RESTORERS, Realign
+
+    class Halve:
+        def __init__(self, weights, ctx, upscale=1):
+            self.upscale = upscale
+
+        def restore(self, images, fidelity, ctx):
+            out = images * 0.5
+            return torch.nn.functional.interpolate(out, scale_factor=self.upscale) if self.upscale > 1 else out
+
+    FACE_RESTORERS["test-halve"] = Halve
+    try:
+        x = _portraits(2)
+        ctx = Context(device=torch.device("cpu"), dtype=torch.float32, seed=0, generator=torch.Generator().manual_seed(0))
+        out = Realign(restorer="test-halve", sr=False, restorer_upscale=1).purify(x, ctx)
+        assert torch.allclose(out, x * 0.5, atol=1e-6)
+        # a restorer that upscales (CodeFormer's -s 2) comes back at the input size
+        assert Realign(restorer="test-halve", sr=False, restorer_upscale=2).purify(x, ctx).shape == x.shape
+    finally:
+        del FACE_RESTORERS["test-halve"]
+
+
+@pytest.mark.skipif(M.weights_present(version="v3") is not None, reason="world v3's weights are not shipped yet")
+def test_v3_weights_load_and_restore():
+    net = M.load_restorer("v3")
+    x = _portraits(2) * 2 - 1
+    with torch.no_grad():
+        assert net(x, w=0.5).shape == x.shape
