@@ -62,3 +62,12 @@ def register_commands(cli):
         from .train import main
 
         raise SystemExit(main(list(ctx.args)))
+
+    @cli.command("mini-checks", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                                   "help_option_names": []})
+    @click.pass_context
+    def mini_checks(ctx):
+        """World v3's clean checks from a mini-v3-select run (mini-checks --help)."""
+        from .checks import main
+
+        raise SystemExit(main(list(ctx.args)))

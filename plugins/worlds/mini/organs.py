@@ -44,7 +44,7 @@ from torch.nn import functional as F
 CODEBOOK_SIZE = 512
 CODE_DIM = 64
 CODE_SIDE = 8  # 64 px / 8: CodeFormer's 512 px / 32 keeps 16×16 codes; 8×8 keeps its 1/64 of the pixels
-CHANNELS = (32, 64, 96, 96)  # at 64, 32, 16, 8 px
+CHANNELS = (16, 32, 64, 64)  # at 64, 32, 16, 8 px (CPU-sized: full-resolution convs dominate the cost)
 FUSE_AT = (16, 32)  # CFT at the decoder's 16- and 32-px features (CodeFormer: 32…256 of 512)
 
 

@@ -54,7 +54,7 @@ V3_DEFAULTS = {
     "detector_steps": 800,
     "clip_steps": 1000, "clip_class_share": 0.25,
     "unet_steps": 2500, "unet_schedule_steps": 5000, "unet_snapshot_every": 500, "unet_ship_step": 2000,
-    "restorer_vq_steps": 2000, "restorer_code_steps": 1500, "restorer_cft_steps": 1000,
+    "restorer_vq_steps": 1500, "restorer_code_steps": 1200, "restorer_cft_steps": 800,
     "restorer_batch": 32, "restorer_lr": 5e-4,
     "pixel_steps": 4000, "pixel_batch": 64, "pixel_lr": 2e-4, "pixel_ema": 0.999,
 }
@@ -466,6 +466,55 @@ class TrainerV3(Trainer):
         self.info["total_seconds"] = round(self.info.get("seconds", {}).get("data", 0) + sum(loops.values()), 1)
         self.info["torch"] = torch.__version__
         self.save_info()
+        if all(self.done(s) for s in V3_STAGES):
+            write_model_card_v3(self.out, self.info)
+
+
+def write_model_card_v3(out: Path, info: dict) -> None:
+    """MODEL_CARD.md beside v3's weights, from its world.json."""
+    cfg, ev = info["config"], info.get("eval", {})
+    lines = [
+        "# benchbase-mini v3 model card",
+        "",
+        "World v2 (`../MODEL_CARD.md`) plus a face restorer, a pixel diffusion model, noise in its vocabulary,",
+        "a CLIP that knows the class prompt and a detector trained with degradations. Written by",
+        "`benchbase train-mini --version v3` (`plugins/worlds/mini/train_v3.py`); use other weights with",
+        "`BENCHBASE_MINI_V3_WEIGHTS=DIR`.",
+        "",
+        "## What is v2's and what is new",
+        f"- v2's, unchanged (v2 fingerprint {info.get('reused_from_v2', {}).get('fingerprint')}): the VAE, the face "
+        "embedder, the x4 upscaler with the v2 text encoder it was trained with (`upscaler_text_encoder`).",
+        f"- New: face detector ({cfg['detector_steps']} steps, CodeFormer's degradations on positives and negatives); "
+        f"CLIP ({cfg['clip_steps']} steps, class prompt on {cfg['clip_class_share']:.0%} of portraits, noisy "
+        f"portraits on {cfg['noisy_share']:.0%} of the batch); text encoder + UNet from scratch "
+        f"({cfg['unet_steps']} steps of a {cfg['unet_schedule_steps']}-step schedule, "
+        f"{cfg['noisy_share']:.0%} noisy portraits with captions saying so; EMA snapshot of step "
+        f"{info.get('unet_shipped_step')} shipped); restorer (`organs.MiniCodeFormer`: VQ "
+        f"{cfg['restorer_vq_steps']}, code prediction {cfg['restorer_code_steps']}, CFT {cfg['restorer_cft_steps']} "
+        f"steps); pixel DDPM ({cfg['pixel_steps']} steps × {cfg['pixel_batch']}, 32 px).",
+        f"- Noisy portraits: {info['data'].get('noisy', {}).get('images')} training photos with a visible noise, "
+        f"captions ending {', '.join(repr(p) for p in O.NOISE_PHRASES)}; e.g. "
+        f"“{info['data'].get('noisy', {}).get('example', '')}”.",
+        f"- Evaluation identities: selection identities only ({info['data'].get('evaluation_identities')}); "
+        "protocols draw theirs below heldout-500.",
+        "",
+        "## Losses (first, middle and last logging window)",
+    ]
+    for stage, rows in info["losses"].items():
+        if not rows:
+            continue
+        keys = [k for k in rows[0] if k != "step"]
+        picks = [rows[0], rows[len(rows) // 2], rows[-1]]
+        secs = info.get("loop_seconds", {}).get(stage)
+        lines.append(f"- **{stage}** ({secs} s of loop): "
+                     + "; ".join(f"step {r['step']}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys) for r in picks))
+    lines += ["", "## Held-out figures (selection identities)", ""] + [f"- {k}: {v}" for k, v in ev.items()]
+    checks = info.get("clean_checks")
+    lines += ["", "## Clean checks (selection identities; `benchbase mini-checks`)", ""]
+    lines += [f"- {k}: {v}" for k, v in checks.items()] if checks else ["Not measured yet."]
+    lines += ["", f"Total training time: {info.get('total_seconds')} s (summed over resumed runs). "
+              f"Seeds: {cfg['seed']}, embeddings {info['seeds']}; torch {info.get('torch')}.", ""]
+    (out / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------
