@@ -106,3 +106,19 @@ def test_a_broken_table_is_one_line_and_costs_no_leaderboard(tmp_path, monkeypat
     with pytest.warns(UserWarning, match="published numbers not shown: published.csv: missing column"):
         cells, _ = _reported(_suite())
     assert cells.column("clip-iqac ↓").values and not any(c.header.endswith("reported") for c in cells.columns)
+
+
+def test_the_full_protocol_suite_gets_metacloaks_numbers_beside_its_clip_iqac():
+    from benchbase.suite import load_suite
+
+    suite = load_suite("sd21-vggface2")
+    cells = [(a.label, p, "none", suite.personalizers[0].label) for a in suite.attacks
+             for p in ("none", "jpeg", "sr")]
+    table = pd.DataFrame(cells, columns=["attack", "purifier", "defense", "personalizer"])
+    for label in ("clip-iqac", "clip-iqa", "ism", "liqe"):
+        table[f"{label}|status"] = "ok"
+    rep = published.reported_view(table, suite.raw)
+    assert [c for c in rep.columns if c.endswith("|reported")] == ["clip-iqac|reported"]
+    got = {k: v for k, v in zip(cells, rep["clip-iqac|reported"]) if not math.isnan(v)}
+    assert {k[:2]: v for k, v in got.items()} == {("none", "none"): 0.456, ("metacloak", "none"): -0.380,
+                                                 ("metacloak", "jpeg"): -0.363}
