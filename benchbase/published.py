@@ -18,8 +18,9 @@ A run's cell gets a reported value when everything that makes the number compara
   ensemble, ``adaptive``) is not what the paper ran;
 - the purifier chain's and the defense's component names, with no option set (an option changes
   the purifier: the published row names the released setting benchbase's default reproduces);
-- the personalizer's component name (its options are numerics and memory settings of the same
-  recipe; where a paper's recipe differs, its row says so in ``setting_notes``);
+- the personalizer's component name, with no option other than ``PERSONALIZER_NUMERICS`` (how
+  the same recipe is computed: mixed precision, gradient checkpointing); where a paper's recipe
+  differs from benchbase's default, its row says so in ``setting_notes``;
 - the metric's component name with exactly the row's ``metric_options`` (``ism`` with the dlib
   embedder and ``ism`` with ArcFace live on different scales: never one column).
 
@@ -47,6 +48,9 @@ COLUMNS = ("paper", "arxiv", "table", "source", "dataset", "model", "budget_leve
            "setting_notes")
 #: budgets are compared in 8-bit levels; papers state them as n/255 or in [-1, 1] (0.05 = 6.375 levels)
 BUDGET_TOL = 0.05
+#: personalizer options that change how the recipe is computed, not the recipe (steps, lr, prior
+#: preservation... are the recipe: any of those set and the cell is not the paper's)
+PERSONALIZER_NUMERICS = frozenset({"mixed_precision", "gradient_checkpointing"})
 # words in a suite's name / dataset root -> the dataset papers name
 _DATASETS = (("vggface2", "vggface2"), ("celeba", "celebahq"))
 # diffusers repository names -> the model versions papers name (order: most specific first)
@@ -129,7 +133,7 @@ def _cell_keys(suite) -> dict[str, dict[str, Any]]:
     keys: dict[str, dict[str, Any]] = {"attack": {}, "purifier": {}, "defense": {}, "personalizer": {}}
     for s in suite.attacks:
         extra = set(s.params) - {"eps"}
-        eps = 0.0 if s.name == "none" else s.params.get("eps", _default_eps(s.name))
+        eps = 0.0 if s.name == "none" else s.params["eps"] if "eps" in s.params else _default_eps(s.name)
         keys["attack"][s.label] = None if extra or s.adaptive or eps is None else (s.name, float(eps))
     for chain in suite.purifiers:
         plain = all(not s.params and not s.adaptive for s in chain)
@@ -137,7 +141,7 @@ def _cell_keys(suite) -> dict[str, dict[str, Any]]:
     for s in suite.defenses:
         keys["defense"][s.label] = None if s.params else s.name
     for s in suite.personalizers:
-        keys["personalizer"][s.label] = s.name
+        keys["personalizer"][s.label] = None if set(s.params) - PERSONALIZER_NUMERICS else s.name
     return keys
 
 
