@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from benchbase import published
 from benchbase.errors import DataError
 from benchbase.records import RunInfo, read_records_and_rows, read_run_info
 from benchbase.store import atomic_write_text
@@ -304,7 +305,8 @@ def _views(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
     table, directions = cell_table(df)
     views = {"cells": table, "attacks": attacks_view(table, directions),
              "purifiers": purifiers_view(table, directions),
-             "_directions": pd.DataFrame([directions])}
+             "_directions": pd.DataFrame([directions]),
+             "_reported": published.reported_view(table, info.suite_data)}  # papers' numbers for these cells
     if info.suite_data.get("contrasts"):
         from benchbase.suite import contrasts_of
 
@@ -478,6 +480,7 @@ def render(views: dict[str, pd.DataFrame]) -> dict[str, Table]:
     if "contrasts" in views:
         out["contrasts"] = render_contrasts(views["contrasts"])
     out["cells"] = render_cells(views["cells"], directions)
+    published.add_columns(out["cells"], views.get("_reported"))  # "<metric> reported" beside the measured mean
     out["attacks"] = render_attacks(views["attacks"], directions)
     out["purifiers"] = render_purifiers(views["purifiers"], directions)
     return out
