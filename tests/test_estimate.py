@@ -10,6 +10,7 @@ from benchbase import estimate as cost_model
 from benchbase.errors import ConfigError, DataError
 from benchbase.pipeline import Runner
 from benchbase.plugins import get_plugin_manager
+from benchbase.store import read_stage_metas
 from benchbase.suite import load_suite, parse_suite
 
 BENCHBASE = [sys.executable, "-m", "benchbase.cli"]
@@ -45,6 +46,15 @@ def test_unique_stage_counts_equal_what_a_run_executes(tmp_path):
     assert est.counts["score"] < len(est_cells := range(est.cells)) * 2  # psnr shared across purifiers
     assert len(est_cells) == 2 * 2 * 2
     assert est.device == "tiny-cpu" and est.total > 0 and not est.missing
+
+    # every stage the run computed has its own figure under its key (what benchmarks/calibrate.py
+    # sets beside the store's seconds), the shared stages excepted; the figures add up per kind
+    metas = read_stage_metas(tmp_path / "run" / "store")
+    own = {(stage, key) for stage, keys in metas.items() if stage != "class_images" for key in keys}
+    assert {(stage, key) for key, (stage, _, _) in est.by_key.items()} == own
+    for stage in ("protect", "personalize", "generate"):
+        assert sum(s for st, _, s in est.by_key.values() if st == stage) == pytest.approx(est.seconds[stage])
+    assert {label for st, label, _ in est.by_key.values() if st == "protect"} == {"none", "aspl"}
 
     # what is left of a finished run: nothing
     left = cost_model.estimate(suite, store=tmp_path / "run" / "store")
