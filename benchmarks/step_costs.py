@@ -30,7 +30,8 @@ Units (the names ``costs.toml`` uses; "per latent" = one image's latent at the r
 - ``adamw.P``: one AdamW step over UNet + text encoder; ``adamw_unet.P`` over the UNet alone
 - ``state_copy.P``: one copy of the UNet + text-encoder weights (a surrogate's save or restore)
 - ``upscale_step.L``: x4-upscaler UNet forward with CFG (2 latents) per image at low-res side L
-- ``upscale_dec.L``: its VAE decode (to 4L px) per image
+  (mini, tiny: at the purifiers' batch of 4 images; sd21: one image)
+- ``upscale_dec.L``: its VAE decode (to 4L px) per image (batched the same way)
 - ``pixel_fwd``: guided-diffusion 256 UNet forward per 256-px window
 - ``lpips_grad_x``: VGG-16 features forward+backward per image (LPIPS)
 - ``save_unet``: writing the fine-tuned UNet + text encoder (safetensors) to local disk
@@ -352,12 +353,15 @@ def world_extras(shape: str, device: str, timer: Timer, res: int, t: torch.Tenso
     up_vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).requires_grad_(False)
     hidden = up.config.cross_attention_dim
     for low in (res // 4, res):  # the purifiers' bottleneck (128 px at 512, scaled), and the full image
-        z = torch.randn(2, up.config.in_channels, low, low, device=device)
-        c = torch.randn(2, 77, hidden, device=device)
-        lvl = torch.full((2,), 20, device=device)
+        # the purifiers' batch: 4 images, 8 latents with CFG (upscale.py batch_size); one image at a
+        # time cost 2.7x more per image at 16 px than the loops paid (benchmarks/calibrate.py)
+        z = torch.randn(8, up.config.in_channels, low, low, device=device)
+        c = torch.randn(8, 77, hidden, device=device)
+        lvl = torch.full((8,), 20, device=device)
         with torch.no_grad():
-            ops[f"upscale_step.{low}"] = timer(lambda: up(z, t[:2], c, class_labels=lvl).sample)
-            ops[f"upscale_dec.{low}"] = timer(lambda: up_vae.decode(torch.randn(1, 4, low, low, device=device)).sample)
+            ops[f"upscale_step.{low}"] = timer(lambda: up(z, t[:8], c, class_labels=lvl).sample, per=4)
+            ops[f"upscale_dec.{low}"] = timer(
+                lambda: up_vae.decode(torch.randn(4, 4, low, low, device=device)).sample, per=4)
     try:
         px_folder = Path(pm.find_model("pixel-diffusion", shape).load()(shape))
         px = UNet2DModel.from_pretrained(px_folder / "unet").to(device).requires_grad_(False)
