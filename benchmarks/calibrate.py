@@ -47,7 +47,7 @@ BASE = {"name": "dreambooth", "label": "hold", "max_train_steps": 0, "num_images
 
 # the backend and dataset of a calibration: the world at its real size, one identity
 WORLDS = {"mini": ({"name": "mini"}, {"name": "mini", "identities": 1}),
-          "tiny": ({"name": "tiny", "resolution": 64}, {"name": "sample"})}
+          "tiny": ({"name": "tiny", "resolution": 64}, {"name": "sample", "identities": ["astronaut"]})}
 
 # (label, spec, what the row ran): attacks at their defaults except the outer loop
 ATTACKS = [
