@@ -3,8 +3,10 @@ end to end, its recorded time beside the cost model's figure for the same stage.
 
     python benchmarks/calibrate.py                       # the mini world, one torch thread
     python benchmarks/calibrate.py --json benchmarks/results/calibrate_mini_cpu.json
+    python benchmarks/calibrate.py --world tiny          # the random-weight tiny backend
     python benchmarks/calibrate.py --only aspl,dreambooth --repeats 3
-    python benchmarks/calibrate.py --costs my.toml --device my-cpu   # a table being written
+    python benchmarks/calibrate.py --from A.json --from B.json --costs my.toml   # re-price, no run
+    python benchmarks/calibrate.py --from A.json --markdown                      # README table
 
 A suite on the ``mini`` backend at its real size (the shipped trained world, one identity, the
 local executor) holds every bundled component the world can run, each at its default precision
@@ -14,13 +16,16 @@ released settings would take hours (each row says what it ran: the cost model co
 per iteration, so a few iterations price every later one). ``--repeats N`` runs it under N
 seeds: every stage N times with new keys, the shared class images once (computed by the first
 stage that needs them, so each later stage is timed alone), and the minimum of the N is kept.
+A second suite runs the personalizers on the clean images into the same store.
 
 Measured = ``seconds`` of the stage's ``_done.json`` (its own wall time, the shared stages it
-asked for excluded) and the process CPU time of the same stage (``cpu s``: with one torch thread
-the stage's compute, which other jobs on the machine stretch far less than its wall time), estimated = ``benchbase.estimate`` on the same suite (``Estimate.by_key``); the
+asked for excluded) and the process CPU time of the same stage (``cpu s``: with one torch
+thread the stage's compute, which other jobs on the machine stretch far less than its wall
+time); estimated = ``benchbase.estimate`` on the same suites (``Estimate.by_key``). The
 1-minute load average is sampled every 2 s and the sample nearest the stage's end is reported
 beside it. Nothing here asserts a time: it prints, per component and precision, estimate (s),
-measured (s) and measured / estimate (wall, then CPU); ``--json PATH`` writes the rows for benchmarks/README.md.
+measured (s) and measured / estimate (wall, then CPU), and the released settings' per-identity
+figures of the surrogate attacks; ``--json PATH`` keeps the rows and every measured stage.
 """
 
 from __future__ import annotations
