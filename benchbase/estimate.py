@@ -205,6 +205,9 @@ class Estimate:
     by_label: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0.0]))  # (stage, label) -> [n, s]
     missing: dict = field(default_factory=lambda: defaultdict(set))  # op -> components lacking it
     notes: list = field(default_factory=list)
+    # stage key -> (stage, label, seconds) of every planned stage: what benchmarks/calibrate.py
+    # sets beside the seconds the store records for the same key (shared stages have no key here)
+    by_key: dict = field(default_factory=dict)
 
     def add(self, stage: str, label: str, seconds: float, missing) -> None:
         """Count one unique stage of `stage` for component `label`, its time and the ops it lacks."""
@@ -366,6 +369,7 @@ def estimate(suite: Suite, device: str | None = None, costs_file: Path | None = 
             for s_stage, s_seconds, s_missing in shared:
                 est.add(s_stage, label, s_seconds, s_missing)
         est.add(stage, label, total, missing)
+        est.by_key[node.key] = (stage, label, total)
     return est
 
 

@@ -6,8 +6,8 @@ the bundled stages are made of, on this machine, for one backend shape.
     python benchmarks/step_costs.py --shape tiny           # the random-weight tiny backend, 64 px
 
 It prints a ``[devices.NAME.ops]`` TOML table to paste into ``benchbase/costs.toml`` (``--name``
-sets NAME) and, with ``--json PATH``, writes the raw figures. Every figure is the median of
-``--repeats`` timed calls after a warm-up, synchronised on CUDA; load the machine as little as
+sets NAME) and, with ``--json PATH``, writes the raw figures. Every figure is the fastest of
+``--repeats`` timed calls after two warm-up calls, synchronised on CUDA; load the machine as little as
 you can while it runs.
 
 The ``sd21`` shape needs only torch, diffusers and transformers (no weights: the modules are
@@ -30,7 +30,8 @@ Units (the names ``costs.toml`` uses; "per latent" = one image's latent at the r
 - ``adamw.P``: one AdamW step over UNet + text encoder; ``adamw_unet.P`` over the UNet alone
 - ``state_copy.P``: one copy of the UNet + text-encoder weights (a surrogate's save or restore)
 - ``upscale_step.L``: x4-upscaler UNet forward with CFG (2 latents) per image at low-res side L
-- ``upscale_dec.L``: its VAE decode (to 4L px) per image
+  (mini, tiny: at the purifiers' batch of 4 images; sd21: one image)
+- ``upscale_dec.L``: its VAE decode (to 4L px) per image (batched the same way)
 - ``pixel_fwd``: guided-diffusion 256 UNet forward per 256-px window
 - ``lpips_grad_x``: VGG-16 features forward+backward per image (LPIPS)
 - ``save_unet``: writing the fine-tuned UNet + text encoder (safetensors) to local disk
@@ -45,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -133,25 +133,53 @@ def world_modules(shape: str, device: str):
 
 
 class Timer:
-    def __init__(self, device: str, repeats: int):
+    """Seconds of a call. ``clock = "cpu"`` (CPU runs on one thread): the process's CPU time, which
+    other jobs on a shared machine stretch far less than wall time (on the project's 2 cores at
+    load 5-10 the wall time of the same call varied 2-4x; its CPU time is the compute a quiet
+    machine gives). ``"wall"``: ``perf_counter``, synchronised on CUDA."""
+
+    def __init__(self, device: str, repeats: int, clock: str = "wall"):
         self.cuda = device.startswith("cuda")
         self.repeats = repeats
+        self.now = time.process_time if clock == "cpu" else time.perf_counter
 
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
-    def __call__(self, fn, per: float = 1.0, warmup: int = 1) -> float:
+    def __call__(self, fn, per: float = 1.0, warmup: int = 2) -> float:
+        # two warm-up calls: the first call of a shape picks its kernels (oneDNN primitives,
+        # allocator pools); the minimum of the timed calls, not the median: on a shared machine
+        # other jobs only ever add time, and the loops of a quiet run see the fastest calls
         for _ in range(warmup):
             fn()
         self.sync()
         times = []
         for _ in range(self.repeats):
-            t = time.perf_counter()
+            t = self.now()
             fn()
             self.sync()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times) / per
+            times.append(self.now() - t)
+        return min(times) / per
+
+
+def host_info() -> dict:
+    """What decides the half-precision figures on a CPU: the model, the ISA torch dispatches to
+    and whether the CPU has native bf16/fp16 arithmetic. Without ``avx512_bf16``/``amx_bf16``
+    (or when oneDNN is held to an older ISA: ``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``) bf16
+    convolutions fall back to slow paths: a bf16 VAE-encoder backward costs 10-30x its fp32 time,
+    where with native bf16 it costs about the same (benchmarks/README.md, section 1)."""
+    info = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "isa_env": {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+                        if k in os.environ}}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+        info["half_isa"] = sorted(flags & {"avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16", "amx_tile"})
+    except OSError:
+        pass
+    return info
 
 
 def cast(module: torch.nn.Module, dtype: torch.dtype, grad: bool):
@@ -166,8 +194,8 @@ def cast(module: torch.nn.Module, dtype: torch.dtype, grad: bool):
 
 
 def measure(shape: str, device: str, repeats: int, precisions: list[str], extras: bool,
-            resolution: int = 512) -> dict:
-    timer = Timer(device, repeats)
+            resolution: int = 512, clock: str = "wall") -> dict:
+    timer = Timer(device, repeats, clock)
     if shape == "sd21":
         unet, vae, text, tokens, hidden = sd21_modules(device, resolution)
         res = resolution
@@ -235,9 +263,10 @@ def measure(shape: str, device: str, repeats: int, precisions: list[str], extras
         params = list(unet.parameters()) + list(text.parameters())
         for prm in params:
             prm.grad = torch.zeros_like(prm)
+        from benchbase.toolkit import adamw
+
         for name, group in (("adamw", params), ("adamw_unet", list(unet.parameters()))):
-            kw = {"fused": True} if device == "cpu" and dt == torch.float32 else {}
-            opt = torch.optim.AdamW(group, lr=1e-9, **kw)
+            opt = adamw(group, lr=1e-9)  # the loops' optimizer (fused where they fuse it)
             ops[f"{name}.{p}"] = timer(opt.step)
             del opt
         for prm in params:
@@ -269,7 +298,7 @@ def measure(shape: str, device: str, repeats: int, precisions: list[str], extras
     state = {f"u.{k}": v.detach().float().contiguous().cpu() for k, v in unet.state_dict().items()}
     state.update({f"t.{k}": v.detach().float().contiguous().cpu() for k, v in text.state_dict().items()})
     with tempfile.TemporaryDirectory() as tmp:
-        once = Timer(device, min(2, repeats))  # seconds per write: two are enough
+        once = Timer(device, min(2, repeats))  # seconds per write (wall: it waits on the disk): two are enough
         ops["save_unet"] = once(lambda s=state: save_file(s, str(Path(tmp) / "m.safetensors")), warmup=0)
     del state
 
@@ -324,12 +353,15 @@ def world_extras(shape: str, device: str, timer: Timer, res: int, t: torch.Tenso
     up_vae = AutoencoderKL.from_pretrained(folder / "vae").to(device).requires_grad_(False)
     hidden = up.config.cross_attention_dim
     for low in (res // 4, res):  # the purifiers' bottleneck (128 px at 512, scaled), and the full image
-        z = torch.randn(2, up.config.in_channels, low, low, device=device)
-        c = torch.randn(2, 77, hidden, device=device)
-        lvl = torch.full((2,), 20, device=device)
+        # the purifiers' batch: 4 images, 8 latents with CFG (upscale.py batch_size); one image at a
+        # time cost 2.7x more per image at 16 px than the loops paid (benchmarks/calibrate.py)
+        z = torch.randn(8, up.config.in_channels, low, low, device=device)
+        c = torch.randn(8, 77, hidden, device=device)
+        lvl = torch.full((8,), 20, device=device)
         with torch.no_grad():
-            ops[f"upscale_step.{low}"] = timer(lambda: up(z, t[:2], c, class_labels=lvl).sample)
-            ops[f"upscale_dec.{low}"] = timer(lambda: up_vae.decode(torch.randn(1, 4, low, low, device=device)).sample)
+            ops[f"upscale_step.{low}"] = timer(lambda: up(z, t[:8], c, class_labels=lvl).sample, per=4)
+            ops[f"upscale_dec.{low}"] = timer(
+                lambda: up_vae.decode(torch.randn(4, 4, low, low, device=device)).sample, per=4)
     try:
         px_folder = Path(pm.find_model("pixel-diffusion", shape).load()(shape))
         px = UNet2DModel.from_pretrained(px_folder / "unet").to(device).requires_grad_(False)
@@ -358,23 +390,35 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=["sd21", "mini", "tiny"], default="tiny")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--name", help="device table name for costs.toml (default: SHAPE-DEVICE)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per op (after 2 warm-ups); the fastest is kept")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default on CPU: 1, what benchmarks/calibrate.py and the cpu tables use)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="cpu: process CPU time (default on CPU with one thread); wall: elapsed time")
     ap.add_argument("--precisions", default=None, help="comma list (default: fp32,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--no-extras", action="store_true", help="skip the upscaler, pixel model and LPIPS (sd21)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--resolution", type=int, default=512, help="sd21 only: image side (512; less to try the script)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     precisions = (args.precisions or ("fp32,bf16,fp16" if cuda else "fp32")).split(",")
     start = time.time()
-    ops = measure(args.shape, args.device, args.repeats, precisions, not args.no_extras, args.resolution)
-    what = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
+    clock = args.clock or ("cpu" if not cuda and torch.get_num_threads() == 1 else "wall")
+    ops = measure(args.shape, args.device, args.repeats, precisions, not args.no_extras, args.resolution, clock)
+    host = host_info()
+    what = torch.cuda.get_device_name(0) if cuda else (
+        f"{host.get('cpu', 'CPU')} ({host['cpu_capability']}, native half: {','.join(host.get('half_isa', [])) or 'none'}"
+        + (f", {host['isa_env']}" if host["isa_env"] else "") + f"), {torch.get_num_threads()} torch threads")
     name = args.name or f"{args.shape}-{'gpu' if cuda else 'cpu'}"
-    meta = {"shape": args.shape, "device": what, "torch": torch.__version__, "repeats": args.repeats,
-            "seconds": round(time.time() - start, 1), "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meta = {"shape": args.shape, "device": what, "host": host, "torch": torch.__version__, "repeats": args.repeats, "clock": clock,
+            "seconds": round(time.time() - start, 1), "load": [load_before, load_after],
             "command": "python benchmarks/step_costs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"[devices.{name}]")
-    print(f"# measured: {meta['device']}, torch {meta['torch']}, load {meta['load']}, {meta['seconds']} s")
+    print(f"# measured: {meta['device']}, torch {meta['torch']}, {clock} clock, load {meta['load']}, {meta['seconds']} s")
     print(f"# command: {meta['command']}")
     print(f"[devices.{name}.ops]")
     for k, v in ops.items():

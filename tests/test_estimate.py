@@ -3,6 +3,7 @@ executes), prices every bundled component, and fails in one clear line."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from benchbase import estimate as cost_model
 from benchbase.errors import ConfigError, DataError
 from benchbase.pipeline import Runner
 from benchbase.plugins import get_plugin_manager
+from benchbase.store import read_stage_metas
 from benchbase.suite import load_suite, parse_suite
 
 BENCHBASE = [sys.executable, "-m", "benchbase.cli"]
@@ -45,6 +47,15 @@ def test_unique_stage_counts_equal_what_a_run_executes(tmp_path):
     assert est.counts["score"] < len(est_cells := range(est.cells)) * 2  # psnr shared across purifiers
     assert len(est_cells) == 2 * 2 * 2
     assert est.device == "tiny-cpu" and est.total > 0 and not est.missing
+
+    # every stage the run computed has its own figure under its key (what benchmarks/calibrate.py
+    # sets beside the store's seconds), the shared stages excepted; the figures add up per kind
+    metas = read_stage_metas(tmp_path / "run" / "store")
+    own = {(stage, key) for stage, keys in metas.items() if stage != "class_images" for key in keys}
+    assert {(stage, key) for key, (stage, _, _) in est.by_key.items()} == own
+    for stage in ("protect", "personalize", "generate"):
+        assert sum(s for st, _, s in est.by_key.values() if st == stage) == pytest.approx(est.seconds[stage])
+    assert {label for st, label, _ in est.by_key.values() if st == "protect"} == {"none", "aspl"}
 
     # what is left of a finished run: nothing
     left = cost_model.estimate(suite, store=tmp_path / "run" / "store")
@@ -123,3 +134,37 @@ def test_cli_estimates_a_builtin_suite():
     out = cli("estimate", "sd21-vggface2", "--identities", "2")
     assert out.returncode == 0, out.stderr
     assert "GPU-hours" in out.stdout and "class_images" in out.stdout
+
+
+def test_calibration_keeps_the_fastest_run_and_prices_a_shared_stage_once():
+    """benchmarks/calibrate.py's comparison (no timing: measured seconds made up here)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import calibrate
+
+    suites, what = calibrate.calibration_suites({"advdm", "aspl-fp32", "dreambooth"}, [0, 1], world="tiny")
+    assert [s.name for s in suites] == ["calibrate-protect", "calibrate-personalize"]
+    ests = [cost_model.estimate(s) for s in suites]
+    measured, n = [], 0
+    for est in ests:
+        for key, (stage, label, _) in est.by_key.items():
+            n += 1
+            measured.append({"stage": stage, "key": key, "seconds": float(n), "cpu_s": n / 2, "load": 1.0})
+    measured.append({"stage": "class_images", "key": "whatever", "seconds": 7.0, "cpu_s": 3.0, "load": 2.0})
+    device, rows = calibrate.compare(suites, measured, what, None, None)
+    assert device == "tiny-cpu"
+    by = {(r["stage"], r["component"]): r for r in rows}
+    # the identity attack, clean and score stages are not rows; the class images one row, priced
+    # once although both suites ask for them
+    assert set(by) == {("protect", "advdm"), ("protect", "aspl-fp32"), ("class_images", "shared"),
+                       ("personalize", "dreambooth"), ("generate", "dreambooth")}
+    shared = [sec for est in ests for (s, _), (_, sec) in est.by_label.items() if s == "class_images"]
+    assert by[("class_images", "shared")]["estimate_s"] == pytest.approx(shared[0], abs=1e-3)
+    for (stage, label), row in by.items():
+        if stage == "class_images":
+            continue
+        runs = [m for m in measured if m["key"] in ests[0].by_key | ests[1].by_key
+                and (ests[0].by_key | ests[1].by_key)[m["key"]][:2] == (stage, label)]
+        assert len(row["all_s"]) == len(runs) == 2 * ests[0].identities  # two seeds: two stages per identity
+        assert row["measured_s"] == min(m["seconds"] for m in runs)
+        assert row["cpu_s"] == min(m["cpu_s"] for m in runs)
+        assert row["ratio"] == pytest.approx(row["measured_s"] / row["estimate_s"], abs=0.01)
