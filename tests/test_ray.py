@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from benchbase.components import Purifier
 from benchbase.pipeline import Runner
 from benchbase.plugins import PluginManager
 from benchbase.suite import parse_suite
+from benchbase_plugins.attacks.baseline import UniformNoise
+from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
 ray = pytest.importorskip("ray")
 
@@ -72,11 +75,72 @@ class WaitsForInterrupt(Purifier):
         return images
 
 
+# where the pausing components below announce their worker's pid, for the test to SIGKILL it
+PAUSE_DIR = "BENCHBASE_TEST_PAUSE_DIR"
+
+
+def pause_once(stage: str) -> None:
+    """The first attempt of ``stage`` (while a test watches PAUSE_DIR): write this worker's pid,
+    then wait to be SIGKILLed from outside. Without PAUSE_DIR (the uninterrupted reference run)
+    and on the retry: nothing, so both runs compute the same values."""
+    folder = os.environ.get(PAUSE_DIR)
+    if not folder:
+        return
+    mark = Path(folder) / f"{stage}.pid"
+    if mark.exists():
+        return
+    tmp = mark.with_name(f".{mark.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    tmp.replace(mark)  # the killer never reads a half-written pid
+    time.sleep(120)
+    raise RuntimeError(f"nobody killed the {stage} worker {os.getpid()} in 120 s")
+
+
+class PausingNoise(UniformNoise):
+    """The noise attack, paused mid-stage (its images computed, not yet written) on its first attempt."""
+
+    def protect(self, images, ctx):
+        adv = super().protect(images, ctx)
+        pause_once("protect")
+        return adv
+
+
+class PausingDreamBooth(DreamBooth):
+    """DreamBooth, paused after its first training step (class images done) on its first attempt."""
+
+    def train(self, images, ctx, defense, out_dir):
+        progress = ctx.progress
+
+        def steps(iterable, desc="", **kwargs):
+            it = progress(iterable, desc=desc, **kwargs)
+            return it if desc.startswith("generate") else _pause_at_second(it)  # not the class images' sampling
+
+        ctx.progress = steps
+        return super().train(images, ctx, defense, out_dir)
+
+
+def _pause_at_second(iterable):
+    for i, item in enumerate(iterable):
+        if i == 1:
+            pause_once("personalize")
+        yield item
+
+
 @hookimpl
 def register_purifiers(register):
     register("exploding", Exploding)
     register("kills-its-worker", KillsItsWorker)
     register("waits-for-interrupt", WaitsForInterrupt)
+
+
+@hookimpl
+def register_attacks(register):
+    register("pausing-noise", PausingNoise)
+
+
+@hookimpl
+def register_personalizers(register):
+    register("pausing-dreambooth", PausingDreamBooth)
 
 
 def manager():
@@ -218,6 +282,75 @@ def test_failed_stage_and_killed_worker(local_ray, tmp_path, monkeypatch):
     assert set(again.executed) == set()  # only the always-failing purifier was tried again
     assert again.records == summary.records
     assert not list((tmp_path / "run" / "store").glob("*/*/.*"))
+
+
+def stage_folders(store: Path) -> dict[str, int]:
+    """How many complete folders each stage has in a store."""
+    return {d.name: len(list(d.glob("*/*/_done.json"))) for d in sorted(store.iterdir()) if d.name != ".locks"}
+
+
+def kill_when_paused(folder: Path, stages: list[str], killed: dict, stop: threading.Event) -> None:
+    """SIGKILL each stage's worker once it announces itself (from outside: an OOM kill, a lost node)."""
+    while not stop.is_set() and len(killed) < len(stages):
+        for stage in stages:
+            mark = folder / f"{stage}.pid"
+            if stage not in killed and mark.exists():
+                pid = int(mark.read_text())
+                if pid != os.getpid():  # never the test itself (a misrouted stage would say so below)
+                    os.kill(pid, signal.SIGKILL)
+                killed[stage] = pid
+        stop.wait(0.1)
+
+
+def test_worker_killed_mid_protect_and_mid_personalize(local_ray, tmp_path, monkeypatch):
+    """The test SIGKILLs the Ray worker computing the protection (its images made, not written) and,
+    later, the one fine-tuning (class images done, one training step taken). Ray retries each
+    stage; the run's records equal an uninterrupted run's and every stage is in the store once."""
+    suite = parse_suite(suite_data(
+        attacks=[{"name": "pausing-noise", "eps": 8}], purifiers=["none"],
+        personalizers=[{**FAST_DREAMBOOTH, "name": "pausing-dreambooth", "max_train_steps": 3}],
+        metrics=["psnr", "ref-rmse"]))
+    pm = manager()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 1-CPU Ray workers (see grid_runs)
+    try:
+        reference = Runner(suite, tmp_path / "local", manager=pm, progress=False,
+                           executor=pm.create("executors", "local", {})).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["status"] for r in reference.records] == ["ok", "ok"]
+
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    monkeypatch.setenv(PAUSE_DIR, str(pauses))
+    killed: dict[str, int] = {}
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_when_paused, args=(pauses, ["protect", "personalize"], killed, stop))
+    killer.start()
+    try:
+        summary = ray_run(pm, suite, tmp_path / "ray", max_retries=2)
+    finally:
+        stop.set()
+        killer.join()
+    assert set(killed) == {"protect", "personalize"} and os.getpid() not in killed.values()
+    store = tmp_path / "ray" / "store"
+    # each killed attempt died inside its stage: its temporary folder is still there, beside the
+    # retry's complete folder of the same key
+    for stage in ("protect", "personalize"):
+        (final,) = [m.parent for m in store.glob(f"{stage}/*/*/_done.json")]
+        leftovers = [t for t in final.parent.iterdir() if t.name.startswith(f".{final.name}-")]
+        assert len(leftovers) == 1 and not (leftovers[0] / "_done.json").exists(), stage
+        assert json.loads((final / "_done.json").read_text())["pid"] != killed[stage]  # computed by the retry
+    # the records equal the uninterrupted run's, value for value, once each
+    assert summary.records == reference.records and records_of(tmp_path / "ray") == records_of(tmp_path / "local")
+    # nothing computed twice: the store holds what the uninterrupted run's holds; the class images
+    # the killed fine-tuning had published were reused by its retry
+    assert stage_folders(store) == stage_folders(tmp_path / "local" / "store")
+    assert summary.executed == {k: v for k, v in reference.executed.items() if k != "class_images"}
+    # the next run removes the dead attempts' temporaries and computes nothing
+    again = ray_run(pm, suite, tmp_path / "ray")
+    assert again.executed == {} and again.records == reference.records
+    assert not list(store.glob("*/*/.*"))
 
 
 def test_core_does_not_import_ray():
