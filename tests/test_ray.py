@@ -427,3 +427,130 @@ def test_stage_placement_follows_the_suite_device():
         assert ex.placement(stage, True, "cuda:1") == ("cuda", {"num_gpus": 0.5})
     assert ex.placement("score", True, "auto") == ("cpu", {})  # scoring asks for CPUs only
     assert ex.placement("personalize", False, "auto") == ("auto", {})
+
+
+# -- a two-node Ray cluster on this machine (docs/cluster.md) -----------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_members(sid: int) -> list[int]:
+    """The processes of the session a `ray start` was started in (its daemons and workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop_node(proc: subprocess.Popen) -> None:
+    """End one node we started, and only it: `ray stop` would end every Ray process of the machine
+    (other users' too). Each `ray start` runs in its own session, which its daemons and workers share."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+        deadline = time.time() + 15
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in session_members(proc.pid)) and time.time() < deadline:
+            time.sleep(0.3)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def ray_start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    ray_cli = Path(sys.executable).with_name("ray")
+    ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    return subprocess.Popen([str(ray_cli), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                             "--num-gpus=0", "--object-store-memory=100000000", *ports, *args],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_started(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while "Ray runtime started" not in log.read_text():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def two_node_cluster():
+    """`ray start --head` and a second node (its own temporary folder, one CPU each), joined as
+    docs/cluster.md says, with a token of their own; ended process by process, even on failure.
+    Ray's folders are short paths (its sockets' paths must fit 107 bytes)."""
+    import secrets
+    import shutil
+    import tempfile
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("ends the cluster's processes through /proc")
+    root = Path(tempfile.mkdtemp(prefix="bb-ray-"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    port, nodes = free_port(), []
+    try:
+        nodes.append(ray_start(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                                f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                                f"--temp-dir={root / 'head'}"], root / "head.log", env))
+        wait_started(nodes[0], root / "head.log")
+        nodes.append(ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={root / 'node2'}"],
+                               root / "node2.log", env))
+        wait_started(nodes[1], root / "node2.log")
+        yield f"127.0.0.1:{port}", env, {"head": root / "head", "node2": root / "node2"}
+    finally:
+        for node in reversed(nodes):
+            stop_node(node)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def worker_pids(temp_dir: Path) -> set[int]:
+    """The pids of the Ray workers a node started (each has a core-worker log in its folder)."""
+    return {int(p.stem.rsplit("_", 1)[1]) for p in temp_dir.glob("session_*/logs/python-core-worker-*_*.log")}
+
+
+@pytest.mark.slow
+def test_smoke_on_a_two_node_cluster_equals_local(two_node_cluster, tmp_path):
+    """The smoke suite (one cell: every stage kind, all nine metrics) run by `benchbase run
+    --executor ray -x address=HEAD:PORT` on a two-node cluster: the same results.jsonl as the
+    local executor, with stages computed on both nodes."""
+    import benchbase
+
+    address, env, temp_dirs = two_node_cluster
+    text = (Path(benchbase.__file__).parent / "suites" / "smoke.toml").read_text()
+    one = 'dataset = { name = "sample", identities = ["astronaut"] }'
+    assert 'dataset = { name = "sample" }' in text
+    suite_file = tmp_path / "smoke.toml"
+    suite_file.write_text(text.replace('dataset = { name = "sample" }', one)
+                          + 'cells = [{ attack = "noise", purifier = "jpeg" }]\n')
+    env = {**env, "OMP_NUM_THREADS": "1"}  # the local run computes with one thread, as a 1-CPU Ray task
+    base = [sys.executable, "-m", "benchbase.cli", "run", str(suite_file), "--no-progress"]
+    runs = {}
+    for name, extra in (("local", []), ("cluster", ["--executor", "ray", "-x", f"address={address}"])):
+        proc = subprocess.run([*base, "--run-dir", str(tmp_path / name), *extra], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        runs[name] = records_of(tmp_path / name)
+    assert len(runs["local"]) == 9 and runs["cluster"] == runs["local"]
+    info = json.loads((tmp_path / "cluster" / "run.json").read_text())
+    assert info["executor"]["name"] == "ray" and info["executor"]["stages"]["failed"] == 0
+    # both nodes computed stages (a stage's _done.json names the worker pid; a node's folder its workers)
+    pids = {json.loads(m.read_text())["pid"] for m in (tmp_path / "cluster" / "store").glob("*/*/*/_done.json")}
+    on = {name: pids & worker_pids(folder) for name, folder in temp_dirs.items()}
+    assert on["head"] and on["node2"] and on["head"] | on["node2"] == pids, (on, pids)
