@@ -440,14 +440,14 @@ def free_port() -> int:
 
 
 def session_members(sid: int) -> list[int]:
-    """The processes of the session a `ray start` was started in (its daemons and workers)."""
+    """The live processes of the session a `ray start` was started in (its daemons and workers)."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        except (OSError, IndexError):  # ended meanwhile
             continue
-        if int(fields[3]) == sid:  # after "pid (comm)": state, ppid, pgrp, session
+        if int(fields[3]) == sid and fields[0] != "Z":  # after "pid (comm)": state, ppid, pgrp, session
             pids.append(int(stat.parent.name))
     return pids
 
@@ -461,9 +461,8 @@ def stop_node(proc: subprocess.Popen) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 continue
-        deadline = time.time() + 15
-        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-                  for pid in session_members(proc.pid)) and time.time() < deadline:
+        deadline = time.time() + (5 if sig == signal.SIGTERM else 15)  # a head may outlive SIGTERM
+        while session_members(proc.pid) and time.time() < deadline:
             time.sleep(0.3)
     try:
         proc.wait(timeout=5)
