@@ -3,10 +3,12 @@ cells wait for it, and the outcome of computing it. Nothing here computes anythi
 
 One cell of the grid is (identity, attack, purifier chain, defense, personalizer, seed)::
 
-    clean ─► protect(attack) ─► purify(chain) ─► personalize(personalizer ∘ defense) ─► generate ─► score(metric)
+    protect(attack) ─► purify(chain) ─► personalize(personalizer ∘ defense) ─► generate ─► score(metric)
+    clean
 
-(``clean``, the identity's set_B as PNGs, is what the report compares images with; no other
-stage reads it.) A ``Plan`` is the part of the graph not in the store yet, deduplicated by key
+(``clean``, the identity's set_B as PNGs, is what the report compares images with; no stage
+reads it, so it has no dependents and a parallel executor computes it beside the protection,
+finishing before or after it.) A ``Plan`` is the part of the graph not in the store yet, deduplicated by key
 and in dependency order: every executor computes exactly that, in any order the dependencies
 allow, and the run assembles each cell's records from the store once its stages are done.
 """

@@ -64,7 +64,8 @@ class RayExecutor(Executor):
     that dies is retried ``max_retries`` times; a stage writes atomically, and records are
     assembled by the driver, so a retry never duplicates a record.
 
-    The run folder and the store must be on a filesystem every worker sees at the same path.
+    The run folder and the store must be on a filesystem every worker sees at the same path
+    (docs/cluster.md: Slurm, Kubernetes, what each node needs, resuming).
     """
 
     in_process = False  # the driver plans and records; workers compute
