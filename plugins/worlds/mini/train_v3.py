@@ -56,7 +56,7 @@ V3_DEFAULTS = {
     "unet_steps": 2500, "unet_schedule_steps": 5000, "unet_snapshot_every": 500, "unet_ship_step": 2000,
     "restorer_vq_steps": 1500, "restorer_code_steps": 1200, "restorer_cft_steps": 800,
     "restorer_batch": 32, "restorer_lr": 5e-4,
-    "pixel_steps": 4000, "pixel_batch": 64, "pixel_lr": 2e-4, "pixel_ema": 0.999,
+    "pixel_steps": 3000, "pixel_batch": 32, "pixel_lr": 2e-4, "pixel_ema": 0.999,
 }
 V3_STAGES = ("data", "reuse", "detector", "noisy", "clip", "unet", "restorer", "pixel")
 #: generator streams per loop (fixed: a new loop appends, so earlier streams keep their seeds)
