@@ -186,15 +186,39 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
         click.echo(f"interrupted: {n} records in {run_dir / 'results.jsonl'}; run the same command again to "
                    "resume (finished stages are kept)", err=True)
         sys.exit(130)
-    failed = summary.failed
+    failed, unavailable = summary.failed, summary.unavailable
     click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "
-               f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed")
+               f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed, "
+               f"{len(unavailable)} unavailable")
     for rec in failed[:5]:
         click.echo(f"  failed: {rec['identity']} {rec['attack']}/{rec['purifier']}/{rec['defense']}/"
                    f"{rec['personalizer']} {rec['metric']}: {rec['error']}", err=True)
+    for reason, n in _by_reason(unavailable)[:5]:  # absent models are not errors, but say which
+        click.echo(f"  unavailable ({n} records): {reason}")
     if summary.records:
         md, _ = leaderboard.write(run_dir)
         click.echo(f"leaderboard: {md}")
+    if failed:  # everything is written; a script or CI job tells a half-failed run from a clean one
+        stages = ", ".join(f"{stage} {n}" for stage, n in _by_reason(failed, stage_only=True))
+        click.echo(f"error: {len(failed)} of {len(summary.records)} records failed ({stages}); see "
+                   f"{run_dir / 'results.jsonl'}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+#: ``benchbase run``'s exit status when the run finished but some records are ``failed`` (every
+#: record ok, empty or unavailable: 0; bad input, nothing run: 2; Ctrl-C: 130)
+EXIT_FAILED = 1
+
+
+def _by_reason(records: list[dict], stage_only: bool = False) -> list[tuple[str, int]]:
+    """(error, count) most frequent first; ``stage_only``: the stage that failed, the word before
+    "failed:" / "unavailable:" in the error ("dataset" for an identity that did not load)."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        text = str(rec.get("error") or "?")
+        key = text.split(":", 1)[0].split(" ", 1)[0] if stage_only else text
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
 
 
 @main.command()

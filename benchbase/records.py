@@ -58,8 +58,11 @@ CELL_STAGES = (Stage.CLEAN, Stage.PROTECT, Stage.PURIFY, Stage.PERSONALIZE, Stag
 class Status(str, Enum):
     OK = "ok"  # a value
     EMPTY = "empty"  # the metric ran but had nothing to score (e.g. no face): left out of means, never 0
-    UNAVAILABLE = "unavailable"  # the metric's weights are not available here (error says where to put them)
-    FAILED = "failed"  # a stage of the cell failed (error names the stage and the cause)
+    #: a stage the record needs cannot run here: a model, its weights or an optional package is
+    #: absent (``benchbase.Unavailable``; error names the stage, unless it is the metric's own, and
+    #: how to provide it). Not cached: the next run tries again.
+    UNAVAILABLE = "unavailable"
+    FAILED = "failed"  # a stage of the cell went wrong (error names the stage and the cause)
 
     def __str__(self) -> str:
         return self.value
@@ -319,6 +322,7 @@ class RunInfo:
     executed: dict = field(default_factory=dict)  # stages computed by the last invocation
     cached: dict = field(default_factory=dict)  # stages it found complete in the store
     failed_records: int | None = None
+    unavailable_records: int | None = None
     schema: int = SCHEMA
 
     def to_json(self) -> dict:
