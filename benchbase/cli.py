@@ -35,6 +35,7 @@ def main():
     benchbase run                  run the built-in mini suite (trained mini world, CPU, < 10 min)
     benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
+    benchbase verify RUN_DIR       re-hash the stored files; mark damaged stages for recomputation
     benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
     benchbase ls attacks           list component names of a family (`ls models`: models by role)
 
@@ -277,6 +278,22 @@ def status(run_dir: Path):
         click.echo(f"executor {info.executor.name}: " + ", ".join(f"{k} {v}" for k, v in info.executor.stages.items()))
     if info.seconds is not None:
         click.echo(f"last run: {info.seconds} s, executed {info.executed}, cached {info.cached}")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Report only: mark nothing for recomputation.")
+def verify_cmd(path: Path, dry_run: bool):
+    """Re-hash the stored files of a run folder's store (or of a STORE) against the SHA-256 each
+    stage recorded; mark every damaged stage, and everything computed from it, so the next
+    `benchbase run` recomputes them. Exit 1 when a stage is damaged (missing or changed files)."""
+    from benchbase import verify
+
+    result = verify.verify(path, apply=not dry_run)
+    for line in verify.render(result):
+        click.echo(line, err=line.startswith("damaged:"))
+    if not result.ok:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command("leaderboard")
