@@ -27,6 +27,7 @@ from benchbase.errors import (
     DiskError,
     PluginError,
     RunInProgressError,
+    Unavailable,
     UnknownComponentError,
     WeightsUnavailableError,
 )
@@ -46,7 +47,7 @@ __all__ = [
     "Params", "Context", "Prompts", "IdentityData", "MetricInputs", "MetricValue", "Threat",
     # errors
     "BenchbaseError", "BudgetError", "ConfigError", "DataError", "DiskError", "PluginError",
-    "RunInProgressError", "UnknownComponentError", "WeightsUnavailableError",
+    "RunInProgressError", "Unavailable", "UnknownComponentError", "WeightsUnavailableError",
     # plugin registration
     "hookimpl",
     "__version__",

@@ -35,6 +35,7 @@ def main():
     benchbase run                  run the built-in mini suite (trained mini world, CPU, < 10 min)
     benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
+    benchbase verify RUN_DIR       re-hash the stored files; mark damaged stages for recomputation
     benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
     benchbase ls attacks           list component names of a family (`ls models`: models by role)
 
@@ -186,15 +187,39 @@ def run(suite: str | None, run_dir: Path | None, store: Path | None, device: str
         click.echo(f"interrupted: {n} records in {run_dir / 'results.jsonl'}; run the same command again to "
                    "resume (finished stages are kept)", err=True)
         sys.exit(130)
-    failed = summary.failed
+    failed, unavailable = summary.failed, summary.unavailable
     click.echo(f"done in {summary.seconds:.1f} s; stages executed {summary.executed or 'none'}, "
-               f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed")
+               f"cached {summary.cached or 'none'}; {len(summary.records)} records, {len(failed)} failed, "
+               f"{len(unavailable)} unavailable")
     for rec in failed[:5]:
         click.echo(f"  failed: {rec['identity']} {rec['attack']}/{rec['purifier']}/{rec['defense']}/"
                    f"{rec['personalizer']} {rec['metric']}: {rec['error']}", err=True)
+    for reason, n in _by_reason(unavailable)[:5]:  # absent models are not errors, but say which
+        click.echo(f"  unavailable ({n} records): {reason}")
     if summary.records:
         md, _ = leaderboard.write(run_dir)
         click.echo(f"leaderboard: {md}")
+    if failed:  # everything is written; a script or CI job tells a half-failed run from a clean one
+        stages = ", ".join(f"{stage} {n}" for stage, n in _by_reason(failed, stage_only=True))
+        click.echo(f"error: {len(failed)} of {len(summary.records)} records failed ({stages}); see "
+                   f"{run_dir / 'results.jsonl'}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+#: ``benchbase run``'s exit status when the run finished but some records are ``failed`` (every
+#: record ok, empty or unavailable: 0; bad input, nothing run: 2; Ctrl-C: 130)
+EXIT_FAILED = 1
+
+
+def _by_reason(records: list[dict], stage_only: bool = False) -> list[tuple[str, int]]:
+    """(error, count) most frequent first; ``stage_only``: the stage that failed, the word before
+    "failed:" / "unavailable:" in the error ("dataset" for an identity that did not load)."""
+    counts: dict[str, int] = {}
+    for rec in records:
+        text = str(rec.get("error") or "?")
+        key = text.split(":", 1)[0].split(" ", 1)[0] if stage_only else text
+        counts[key] = counts.get(key, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
 
 
 @main.command()
@@ -253,6 +278,22 @@ def status(run_dir: Path):
         click.echo(f"executor {info.executor.name}: " + ", ".join(f"{k} {v}" for k, v in info.executor.stages.items()))
     if info.seconds is not None:
         click.echo(f"last run: {info.seconds} s, executed {info.executed}, cached {info.cached}")
+
+
+@main.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Report only: mark nothing for recomputation.")
+def verify_cmd(path: Path, dry_run: bool):
+    """Re-hash the stored files of a run folder's store (or of a STORE) against the SHA-256 each
+    stage recorded; mark every damaged stage, and everything computed from it, so the next
+    `benchbase run` recomputes them. Exit 1 when a stage is damaged (missing or changed files)."""
+    from benchbase import verify
+
+    result = verify.verify(path, apply=not dry_run)
+    for line in verify.render(result):
+        click.echo(line, err=line.startswith("damaged:"))
+    if not result.ok:
+        sys.exit(EXIT_FAILED)
 
 
 @main.command("leaderboard")

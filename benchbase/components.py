@@ -331,9 +331,10 @@ class Metric(Component):
     """A score. ``direction`` says which way favours the *protector*.
 
     ``reads`` names the inputs it needs (clean, protected, purified, generated,
-    references, set_A); the core fills only those. When weights are missing, raise
-    ``WeightsUnavailableError("<model> — how to provide it")``: the run records the metric
-    as unavailable instead of failing, and leaderboards show it as such.
+    references, set_A); the core fills only those. When weights or a package are missing, raise
+    ``benchbase.Unavailable("unavailable: <model> — how to provide it")`` (any component may: an
+    attack, purifier, defense or personalizer too): the run records the cells that need it as
+    unavailable instead of failed, and leaderboards show it as such.
     """
 
     direction: ClassVar[Literal["higher", "lower"]] = "higher"

@@ -26,7 +26,16 @@ class BudgetError(BenchbaseError):
     (a plugin bug the core refuses to record as ok)."""
 
 
-class WeightsUnavailableError(BenchbaseError):
+class Unavailable(BenchbaseError):
+    """A stage cannot run here because something it needs is absent: a model, its weights, an
+    optional package. Any component raises it, message first "unavailable: <what> — how to provide
+    it"; the run records every cell that needs the stage as ``unavailable`` with that reason (not
+    ``failed``: nothing went wrong), the exit status stays 0, and nothing is cached, so the next run
+    computes the stage once it is provided. Something present but broken (a truncated weight file, a
+    config that does not match) is a failure, not this."""
+
+
+class WeightsUnavailableError(Unavailable):
     """Model weights are not available locally (and the hub is offline or unreachable)."""
 
 

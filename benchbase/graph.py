@@ -165,10 +165,10 @@ class Plan:
 @dataclass
 class Outcome:
     """What computing one stage gave: ok, or the one-line error every record that needs it
-    carries. ``unavailable``: the stage itself could not run because model weights are not
-    available here (a metric with this outcome is recorded as unavailable, not failed);
-    ``upstream_failed``: it was not computed because a stage it reads failed (``error`` is
-    that stage's). ``executed``: the stages this call computed (shared ones included)."""
+    carries. ``unavailable``: the stage (or, with ``upstream_failed``, a stage it reads) could
+    not run because a model, its weights or a package is absent here (``benchbase.Unavailable``):
+    every record that needs it is unavailable, not failed; ``upstream_failed``: it was not
+    computed because a stage it reads failed (``error`` is that stage's). ``executed``: the stages this call computed (shared ones included)."""
 
     key: str
     stage: str

@@ -15,7 +15,8 @@ takes all four (numbers sort as numbers, a status keeps its reason on hover).
 Arrows give the direction that favours the *protection*: ↑ higher is better for the
 protector (e.g. FDFR), ↓ lower is better for the protector (e.g. ISM). A row with a
 failed or missing identity is shown as incomplete, never as a partial mean; a metric
-without weights is shown as unavailable, never as zero.
+whose records are all unavailable (a stage it needs has no model, weights or package here) is
+shown as unavailable, never as zero; unavailable and failed records are counted apart.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
     first = dict(zip(*np.unique(cell_id, return_index=True)))  # cell -> its first record (frame order)
     failed_first = dict(zip(*np.unique(cell_id[is_failed], return_index=True)))
     failed_pos = pos[is_failed]
+    unav_first = dict(zip(*np.unique(cell_id[is_unav], return_index=True)))
+    unav_pos = pos[is_unav]
     # per identity means of the ok records (the same grouped mean as before, per cell), then
     # mean and 95% interval over identities, identities sorted as groupby sorts them
     ok = df.loc[is_ok, ["identity", "value"]].assign(cell=cell_id[is_ok])
@@ -135,7 +138,9 @@ def cell_table(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
             if n_scored[c] < expected:
                 complete = False
                 row[f"{metric}|status"] = f"incomplete ({n_scored[c]}/{expected})"
-                row[f"{metric}|note"] = str(errors[failed_pos[failed_first[c]]]) if c in failed_first else "missing"
+                # why: a failure first (something went wrong), else an absent model, else nothing recorded
+                row[f"{metric}|note"] = (str(errors[failed_pos[failed_first[c]]]) if c in failed_first else
+                                         str(errors[unav_pos[unav_first[c]]]) if c in unav_first else "missing")
                 continue
             if not n_ok[c]:
                 row[f"{metric}|status"] = "n/a"
@@ -532,6 +537,32 @@ def _diagnostics_markdown(run_dir: Path, df: pd.DataFrame, info: RunInfo) -> str
     return diagnostics.markdown(diagnostics.collect(df, diagnostics.store_info(store)))
 
 
+def unavailable_reasons(df: pd.DataFrame) -> list[tuple[str, list[str], int]]:
+    """``(reason, metrics, records)`` of the run's unavailable records, one per reason (a stage
+    that cannot run here: a model, its weights or a package is absent), most records first."""
+    unav = df[df["status"] == "unavailable"]
+    out = [(str(reason), list(dict.fromkeys(group["metric"])), len(group))
+           for reason, group in unav.groupby("error", sort=False, dropna=False)]
+    return sorted(out, key=lambda r: -r[2])
+
+
+def status_markdown(df: pd.DataFrame) -> str:
+    """The ``Unavailable`` and ``Failures`` sections: counted apart, since an absent model is not
+    something that went wrong (``benchbase run`` exits 0 for it, 1 for a failure)."""
+    parts = []
+    reasons = unavailable_reasons(df)
+    if reasons:
+        n = sum(r[2] for r in reasons)
+        parts.append(f"\n## Unavailable\n\n{n} records unavailable: a stage they need cannot run here (a model, "
+                     "its weights or a package is absent; nothing failed).\n\n" + "\n".join(
+                         f"- {count} records ({', '.join(f'`{_md_text(m)}`' for m in metrics)}): {_md_text(reason)}"
+                         for reason, metrics, count in reasons) + "\n")
+    failed = df[df["status"] == "failed"]
+    if len(failed):
+        parts.append(f"\n## Failures\n\n{len(failed)} records failed; first: {_md_text(failed['error'].iloc[0])}\n")
+    return "".join(parts)
+
+
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     """Write leaderboard.md, one CSV per rendered view and ``cells_numeric.csv``; return the
     markdown path and text."""
@@ -548,13 +579,7 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
         frame.to_csv(out_dir / f"{name}.csv", index=False)
     views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
     parts.append(_diagnostics_markdown(run_dir, df, info))
-    unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
-    if len(unavailable):
-        parts.append("\n## Unavailable metrics\n\n" + "\n".join(
-            f"- `{_md_text(r.metric)}`: {_md_text(r.error)}" for r in unavailable.itertuples()) + "\n")
-    failed = df[df["status"] == "failed"]
-    if len(failed):
-        parts.append(f"\n## Failures\n\n{len(failed)} records failed; first: {_md_text(failed['error'].iloc[0])}\n")
+    parts.append(status_markdown(df))
     text = "".join(parts)
     md = out_dir / "leaderboard.md"
     atomic_write_text(md, text)

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchbase.components import Prompts
-from benchbase.errors import BenchbaseError, ConfigError, DataError, DiskError, WeightsUnavailableError
+from benchbase.errors import BenchbaseError, ConfigError, DataError, DiskError, Unavailable
 from benchbase.graph import Cell, CellPlan, Identity, Node, NodeAddress, Outcome, Plan
 from benchbase.models.sd import parse_device, quiet_libraries, resolve_device, resolve_dtype
 from benchbase.plugins import PluginManager, get_plugin_manager
@@ -93,6 +93,10 @@ class RunSummary:
     @property
     def failed(self) -> list[dict]:
         return [r for r in self.records if r["status"] == "failed"]
+
+    @property
+    def unavailable(self) -> list[dict]:
+        return [r for r in self.records if r["status"] == "unavailable"]
 
 
 class Runner:
@@ -270,8 +274,12 @@ class Runner:
             raise
         except Exception as exc:  # the cells that need it fail with this one line; the grid goes on
             out.ok, out.cause = False, str(exc)
-            out.unavailable = isinstance(exc, WeightsUnavailableError)
-            out.error = f"{address.stage} failed: {type(exc).__name__}: {exc}"
+            if isinstance(exc, Unavailable):  # absent model/weights/package: the cells are unavailable
+                reason = str(exc) if str(exc).startswith("unavailable") else f"unavailable: {exc}"
+                out.unavailable, out.cause = True, reason
+                out.error = f"{address.stage} {reason}"  # "purify unavailable: <model> — how to provide it"
+            else:
+                out.error = f"{address.stage} failed: {type(exc).__name__}: {exc}"
             if not isinstance(exc, BenchbaseError):
                 where = self._save_traceback(address)
                 if where:
@@ -402,8 +410,10 @@ class Runner:
             common = {"key": key, "stages": cp.stages}
             outcome = self.outcomes.get(key)
             if outcome is not None and not outcome.ok:
-                if outcome.unavailable and not outcome.upstream_failed:  # the metric's own weights are missing
-                    out.append(self._record(cp.cell, spec, Status.UNAVAILABLE, error=outcome.cause, **common))
+                if outcome.unavailable:  # a stage it needs cannot run here (weights, model, package absent)
+                    # the metric's own reason as it gave it; an upstream stage's with that stage's name
+                    error = outcome.error if outcome.upstream_failed or outcome.stage != Stage.SCORE else outcome.cause
+                    out.append(self._record(cp.cell, spec, Status.UNAVAILABLE, error=error, **common))
                 else:
                     out.append(self._record(cp.cell, spec, Status.FAILED, error=outcome.error, **common))
                 continue
@@ -542,7 +552,8 @@ class Runner:
                     self.write_results()
                     self._write_status(status, force=True, seconds=round(summary.seconds, 2),
                                        executed=summary.executed, cached=summary.cached,
-                                       failed_records=len(summary.failed))
+                                       failed_records=len(summary.failed),
+                                       unavailable_records=len(summary.unavailable))
                 except DiskError:
                     if status == "finished":
                         raise

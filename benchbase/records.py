@@ -32,6 +32,7 @@ SCHEMA = 2  # 1: before run.json/_done.json carried a schema number
 RESULTS = "results.jsonl"  # one record per (cell, metric), in the run folder
 RUN_JSON = "run.json"  # suite, hashes, versions, device, seeds, status
 DONE = "_done.json"  # a stage folder is complete when this file is in it
+INVALID = "_invalid.json"  # `benchbase verify` renamed DONE to this: the next run recomputes the stage
 
 
 class Stage(str, Enum):
@@ -58,8 +59,11 @@ CELL_STAGES = (Stage.CLEAN, Stage.PROTECT, Stage.PURIFY, Stage.PERSONALIZE, Stag
 class Status(str, Enum):
     OK = "ok"  # a value
     EMPTY = "empty"  # the metric ran but had nothing to score (e.g. no face): left out of means, never 0
-    UNAVAILABLE = "unavailable"  # the metric's weights are not available here (error says where to put them)
-    FAILED = "failed"  # a stage of the cell failed (error names the stage and the cause)
+    #: a stage the record needs cannot run here: a model, its weights or an optional package is
+    #: absent (``benchbase.Unavailable``; error names the stage, unless it is the metric's own, and
+    #: how to provide it). Not cached: the next run tries again.
+    UNAVAILABLE = "unavailable"
+    FAILED = "failed"  # a stage of the cell went wrong (error names the stage and the cause)
 
     def __str__(self) -> str:
         return self.value
@@ -319,6 +323,7 @@ class RunInfo:
     executed: dict = field(default_factory=dict)  # stages computed by the last invocation
     cached: dict = field(default_factory=dict)  # stages it found complete in the store
     failed_records: int | None = None
+    unavailable_records: int | None = None
     schema: int = SCHEMA
 
     def to_json(self) -> dict:
@@ -382,7 +387,11 @@ class StageMeta:
     ``peak_rss_mb`` is the process's resident-memory high-water mark when the stage finished
     (it never goes down, so it bounds the stage from above); ``peak_cuda_memory_mb`` is the
     CUDA memory the stage allocated at its peak (None off CUDA). ``files`` lists every file
-    of the folder with its size, so a complete stage can be checked.
+    of the folder with its size, so a complete stage can be checked; ``sha256`` the SHA-256 of
+    each (None: written before stages recorded hashes), which ``benchbase verify`` checks.
+    ``uses``: ``[stage, key]`` of the shared stages (class images, surrogates) it read through
+    ``ctx.shared`` — its upstream core stages are named in ``parts`` — so a damaged one's
+    dependents can be found.
     """
 
     stage: str
@@ -395,6 +404,8 @@ class StageMeta:
     peak_rss_mb: float | None = None
     peak_cuda_memory_mb: float | None = None
     files: dict = field(default_factory=dict)  # {relative path: bytes}
+    sha256: dict | None = None  # {relative path: hex digest}
+    uses: list = field(default_factory=list)  # [[stage, key]] of shared stages it read
     host: str = ""
     pid: int | None = None
     schema: int = SCHEMA

@@ -2,7 +2,7 @@
 
 Each stage output lives in ``<root>/<stage>/<key[:2]>/<key>/``. A stage is computed into a
 temporary folder ``.<key>-<random>`` beside it, then ``_done.json`` (a ``StageMeta``: key parts,
-info, cost, the list of its files) is written and the folder is renamed into place: a folder
+info, cost, the list of its files with their sizes and SHA-256, the shared stages it read) is written and the folder is renamed into place: a folder
 that exists is complete, so a killed process never leaves a half result visible, and rerunning
 resumes with whatever finished.
 
@@ -29,7 +29,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -269,9 +269,20 @@ def _alive(pid: Any) -> bool:
         return False
 
 
-def _files(folder: Path) -> dict[str, int]:
-    return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != DONE}
+def _files(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Size and SHA-256 of every file of a stage folder (what ``benchbase verify`` checks later:
+    hashing as the stage is written costs one read of files just written, still in the page cache)."""
+    sizes, hashes = {}, {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != DONE:
+            rel = p.relative_to(folder).as_posix()
+            sizes[rel], hashes[rel] = p.stat().st_size, file_sha256(p)
+    return sizes, hashes
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def read_stage_metas(root: Path) -> dict[str, dict[str, StageMeta]]:
@@ -316,6 +327,7 @@ class _Frame:
 
     children: float = 0.0
     cuda_peak: int = 0
+    uses: list = field(default_factory=list)  # [stage, key] of the stages it asked the store for
 
 
 class Store:
@@ -361,6 +373,9 @@ class Store:
         (in this or any other process sharing the store: the stage's lock makes the second wait)."""
         stage = str(stage)
         final = self.path(stage, key)
+        frames = self._frames()
+        if frames and [stage, key] not in frames[-1].uses:  # a shared stage read inside another
+            frames[-1].uses.append([stage, key])
         if (final / DONE).is_file():
             self.cached[stage] += 1
             return final
@@ -426,12 +441,13 @@ class Store:
         peak = max(frame.cuda_peak, cuda.max_memory_allocated()) if cuda else None
         if cuda and parent is not None:
             parent.cuda_peak = max(parent.cuda_peak, peak)
+        sizes, hashes = _files(tmp)
         return StageMeta(stage=stage, key=key, parts=parts, info=info,
                          seconds=round(max(0.0, inclusive - frame.children), 3),
                          inclusive_seconds=round(inclusive, 3), finished=time.time(),
                          peak_rss_mb=_peak_rss_mb(),
                          peak_cuda_memory_mb=round(peak / 2**20, 1) if peak is not None else None,
-                         files=_files(tmp), host=socket.gethostname(), pid=os.getpid())
+                         files=sizes, sha256=hashes, uses=frame.uses, host=socket.gethostname(), pid=os.getpid())
 
     def shared_stage(self, stage: str, parts: dict, fn: Callable[[Path], None]) -> Path:
         """A stage shared across cells (class images, surrogates), for ``Context.shared``."""

@@ -189,7 +189,8 @@ def files_run(tmp_path_factory):
 
 def test_dataset_files_run_finishes_for_every_good_identity(files_run):
     tmp, code, stderr, records = files_run
-    assert code == 0, stderr
+    assert code == 1, stderr  # everything written, then exit 1: some records failed
+    assert stderr.strip().splitlines()[-1].startswith("error: ") and "records failed (" in stderr
     assert {r["identity"] for r in records} == {GOOD, *DATASET_FILES}  # .cache is no identity
     assert all(r["status"] == "ok" for r in records if r["identity"] == GOOD)
     assert not (tmp / "run" / "errors").exists()  # only clear errors: no traceback files
@@ -323,6 +324,8 @@ MODEL_CASES = {
     "model: no model_index.json": (lambda f: (f / "model_index.json").unlink(), "is not a diffusers Stable Diffusion folder"),
     "model: folder does not exist": (lambda f: shutil.rmtree(f), "does not exist"),
 }
+#: a model that is not there is unavailable (nothing went wrong); one that is there but broken fails
+ABSENT_MODEL_CASES = {"model: folder does not exist"}
 
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
@@ -332,16 +335,20 @@ def test_model_folder_case(tmp_path, case):
     text = suite_text(backend=f'{{ name = "sd", model = "{folder}", resolution = 64 }}',
                       attacks='["none", { name = "advdm", steps = 1 }]')
     code, stderr, _, records = run_cli(tmp_path, text)
-    _assert_model_cells(tmp_path, code, stderr, records, needle)
+    _assert_model_cells(tmp_path, code, stderr, records, needle, absent=case in ABSENT_MODEL_CASES)
 
 
-def _assert_model_cells(tmp_path, code, stderr, records, needle):
-    assert code == 0, stderr
+def _assert_model_cells(tmp_path, code, stderr, records, needle, absent):
     by_attack = {r["attack"]: r for r in records}
     assert by_attack["none"]["status"] == "ok"  # the rest of the grid finishes
     bad = by_attack["advdm"]
-    assert bad["status"] == "failed" and "WeightsUnavailableError" in bad["error"] and needle in bad["error"], bad
-    assert "\n" not in bad["error"]
+    if absent:  # exit 0: every record ok or unavailable
+        assert code == 0, stderr
+        assert bad["status"] == "unavailable" and bad["error"].startswith("protect unavailable: "), bad
+    else:  # exit 1: written, but a record failed
+        assert code == 1, stderr
+        assert bad["status"] == "failed" and bad["error"].startswith("protect failed: DataError: "), bad
+    assert needle in bad["error"] and "\n" not in bad["error"]
     assert not (tmp_path / "run" / "errors").exists()
 
 
@@ -350,7 +357,8 @@ def test_hub_id_not_cached_while_offline(tmp_path):
                       attacks='["none", { name = "advdm", steps = 1 }]')
     code, stderr, _, records = run_cli(tmp_path, text, env={"HF_HUB_OFFLINE": "1"})
     _assert_model_cells(tmp_path, code, stderr, records,
-                        "'someone/not-a-cached-model' are not available: the hub is offline (HF_HUB_OFFLINE=1)")
+                        "'someone/not-a-cached-model' are not available: the hub is offline (HF_HUB_OFFLINE=1)",
+                        absent=True)
 
 
 # -- environment -------------------------------------------------------------------------------------

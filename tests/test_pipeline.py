@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from benchbase import hookimpl, leaderboard
-from benchbase.components import Metric, Purifier
+from benchbase.components import Attack, Defense, Metric, MetricValue, Purifier
 from benchbase.errors import WeightsUnavailableError
 from benchbase.pipeline import Runner
 from benchbase.plugins import PluginManager
 from benchbase.suite import load_suite, parse_suite
+from benchbase_plugins.personalizers.dreambooth import DreamBooth
 
 FAST_DREAMBOOTH = {"name": "dreambooth", "max_train_steps": 2, "num_class_images": 2, "class_inference_steps": 2,
                    "num_images_per_prompt": 2, "num_inference_steps": 2}
@@ -306,3 +307,111 @@ def test_leaderboard_header_names_the_face_models():
     assert "- Face models: `ism`: detector RetinaFace-R50 (retina-face, PyTorch), threshold 0.9, embedder " \
            "ArcFace ResNet-34 (deepface, PyTorch), images without a face: drop." in text
     assert "Face models" not in leaderboard.header({}, df[df["metric"] == "psnr"])
+
+
+# -- unavailable: a stage of any family that cannot run here (issue 26 item 1) -------------------
+
+class Absent:
+    """Raises ``benchbase.Unavailable`` until ``Absent.installed`` (the weights "arrive")."""
+
+    installed = False
+
+    @staticmethod
+    def check(family: str) -> None:
+        from benchbase import Unavailable
+
+        if not Absent.installed:
+            raise Unavailable(f"unavailable: imaginary-{family} — put its weights in ~/imaginary")
+
+
+class AbsentAttack(Attack):
+    def protect(self, images, ctx):
+        Absent.check("attack")
+        return images
+
+
+class AbsentPurifier(Purifier):
+    def purify(self, images, ctx):
+        Absent.check("purifier")
+        return images
+
+
+class AbsentDefense(Defense):
+    def transform_batch(self, batch, ctx):
+        Absent.check("defense")
+        return batch
+
+
+class AbsentPersonalizer(DreamBooth):
+    def train(self, images, ctx, defense, out_dir):
+        Absent.check("personalizer")
+        return super().train(images, ctx, defense, out_dir)
+
+
+class AbsentMetric(Metric):
+    reads = ("protected", "clean")
+
+    def score(self, inputs, ctx):
+        Absent.check("metric")
+        return MetricValue(value=1.0)
+
+
+class AbsentPlugin:
+    @hookimpl
+    def register_attacks(self, register):
+        register("absent", AbsentAttack)
+
+    @hookimpl
+    def register_purifiers(self, register):
+        register("absent", AbsentPurifier)
+
+    @hookimpl
+    def register_defenses(self, register):
+        register("absent", AbsentDefense)
+
+    @hookimpl
+    def register_personalizers(self, register):
+        register("absent", AbsentPersonalizer)
+
+    @hookimpl
+    def register_metrics(self, register):
+        register("absent", AbsentMetric)
+
+
+ABSENT_CELLS = {  # family -> the suite entries that put the absent component in the grid, the stage
+    "attack": ({"attacks": ["absent"]}, "protect"),
+    "purifier": ({"purifiers": ["absent"]}, "purify"),
+    "defense": ({"defenses": ["absent"]}, "personalize"),
+    "personalizer": ({"personalizers": [{**FAST_DREAMBOOTH, "name": "absent"}]}, "personalize"),
+    "metric": ({"metrics": ["absent", "ref-rmse"]}, "score"),
+}
+
+
+@pytest.mark.parametrize("family", list(ABSENT_CELLS))
+def test_absent_model_is_unavailable_not_failed_in_every_family(tmp_path, family):
+    over, stage = ABSENT_CELLS[family]
+    pm = PluginManager()
+    pm.register(AbsentPlugin(), name="absent-plugin")
+    suite = small_suite(**{"attacks": ["none"], "purifiers": ["none"], "metrics": ["ref-rmse"], **over})
+    Absent.installed = False
+    summary = Runner(suite, tmp_path, manager=pm, progress=False).run()
+    assert summary.records and not summary.failed
+    needs = [r for r in summary.records if r["status"] != "ok"]
+    assert needs and all(r["status"] == "unavailable" and r["value"] is None for r in needs)
+    # the reason, and the stage when it is not the metric's own
+    want = f"unavailable: imaginary-{family}" if family == "metric" else f"{stage} unavailable: imaginary-{family}"
+    assert all(r["error"].startswith(want) and "\n" not in r["error"] for r in needs), needs[0]["error"]
+    assert json.loads((tmp_path / "run.json").read_text())["unavailable_records"] == len(needs)
+    text = leaderboard.write(tmp_path)[1]
+    assert "## Unavailable" in text and f"imaginary-{family}" in text and "## Failures" not in text
+    cells = leaderboard.build(tmp_path)["cells"]
+    metric = needs[0]["metric"]
+    assert set(cells[f"{metric}|status"]) == {"unavailable"}
+    # not cached: once the weights are there, the next run computes it (and only what was missing)
+    Absent.installed = True
+    try:
+        again = Runner(suite, tmp_path, manager=pm, progress=False).run()
+    finally:
+        Absent.installed = False
+    assert again.executed.get(stage) and "clean" not in again.executed
+    assert all(r["status"] == "ok" for r in again.records), [r["error"] for r in again.records]

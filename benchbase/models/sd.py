@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchbase.errors import ConfigError, WeightsUnavailableError
+from benchbase.errors import ConfigError, DataError, WeightsUnavailableError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -200,11 +200,12 @@ def weights_message(model: str) -> str:
 def check_sd_folder(folder: Path) -> None:
     """Read what a diffusers folder promises before loading it, so a broken folder is one line
     naming the broken part (a missing subfolder, a config that is not JSON, a corrupt or
-    truncated safetensors file) instead of a hub message or a traceback."""
+    truncated safetensors file) instead of a hub message or a traceback. A folder that is there but
+    broken is a failure (``DataError``), not an absent model (``WeightsUnavailableError``)."""
     import json
 
-    def fail(what: str) -> WeightsUnavailableError:
-        return WeightsUnavailableError(f"Stable Diffusion folder {folder}: {what}")
+    def fail(what: str) -> DataError:
+        return DataError(f"Stable Diffusion folder {folder}: {what}")
 
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -251,7 +252,9 @@ def load_sd(
 ) -> SDModels:
     """Load a diffusers Stable Diffusion folder or hub id (SD 1.x / 2.x, ε or v prediction).
 
-    Raises WeightsUnavailableError with one sentence naming the model and how to get it.
+    Raises WeightsUnavailableError with one sentence naming the model and how to get it when it is
+    absent (no such folder, a hub id not in the cache), DataError naming the broken part when a
+    local folder is there but broken.
     """
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 
@@ -262,7 +265,7 @@ def load_sd(
     if not is_local and model.startswith((".", "/", "~")):
         raise WeightsUnavailableError(f"Stable Diffusion folder {model!r} does not exist.")
     if is_local and not (local / "model_index.json").is_file():
-        raise WeightsUnavailableError(
+        raise DataError(
             f"{local} is not a diffusers Stable Diffusion folder (no model_index.json); save one with "
             "`StableDiffusionPipeline.save_pretrained` or download a model with `huggingface-cli download`."
         )
@@ -278,7 +281,7 @@ def load_sd(
     except Exception as exc:  # noqa: BLE001 (diffusers/transformers raise many kinds for a bad folder)
         if is_local:  # not a download problem: say what diffusers found wrong, in one line
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise WeightsUnavailableError(
+            raise DataError(
                 f"Stable Diffusion folder {local} cannot be loaded ({type(exc).__name__}: {first}); check that "
                 "its subfolders' configs match their weights (save it with `save_pretrained`)") from None
         if not isinstance(exc, (OSError, ValueError, EnvironmentError)):

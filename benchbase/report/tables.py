@@ -60,10 +60,12 @@ def tables_section(run: RunData) -> str:
     for table in tables.values():
         parts.append(f"<h3>{esc(table.title)}</h3>" + table_html(table))
     df = run.df
-    unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
-    if len(unavailable):
-        parts.append("<h3>Unavailable metrics</h3><ul>" + "".join(
-            f"<li><code>{esc(r.metric)}</code>: {esc(r.error)}</li>" for r in unavailable.itertuples()) + "</ul>")
+    reasons = leaderboard.unavailable_reasons(df)  # counted apart from failures: nothing went wrong
+    if reasons:
+        parts.append(f"<h3>Unavailable</h3><p>{sum(r[2] for r in reasons)} records unavailable: a stage they "
+                     "need cannot run here (a model, its weights or a package is absent).</p><ul>" + "".join(
+                         f"<li>{count} records ({', '.join(f'<code>{esc(m)}</code>' for m in metrics)}): "
+                         f"{esc(reason)}</li>" for reason, metrics, count in reasons) + "</ul>")
     failed = df[df["status"] == "failed"]
     if len(failed):
         parts.append(f"<h3>Failures</h3><p>{len(failed)} records failed.</p><ul>" + "".join(

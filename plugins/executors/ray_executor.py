@@ -16,6 +16,7 @@ need it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,17 @@ def run_stage(job: dict, address, *upstream: Outcome) -> Outcome:
     from benchbase.pipeline import open_session
 
     return open_session(job).run_stage(address, upstream)
+
+
+def _quiet_ray() -> None:
+    """Drop the one Ray warning a normal run gets on every start: that Ray turned on its token
+    authentication for the local instance (its secure default, which benchbase keeps; the line only
+    says how to opt out). Other warnings of that logger still show."""
+    from benchbase._quiet import DropMessages
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, DropMessages) for f in log.filters):
+        log.addFilter(DropMessages("Token authentication is enabled for this Ray cluster"))
 
 
 def _module_root(name: str) -> str | None:
@@ -117,7 +129,11 @@ class RayExecutor(Executor):
         p = self.params
         started_ray = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"address": p.address, "include_dashboard": False}
+            _quiet_ray()
+            # WARNING: Ray's INFO lines ("Started a local Ray instance.") are not benchbase's; its warnings
+            # and errors still show
+            kwargs: dict[str, Any] = {"address": p.address, "include_dashboard": False,
+                                      "logging_level": logging.WARNING}
             if p.address is None:
                 kwargs.update(num_cpus=p.num_cpus, num_gpus=p.num_gpus)
             try:

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field, field_validator
 
 from benchbase.components import Context, Params, Purifier
-from benchbase.errors import ConfigError, WeightsUnavailableError
+from benchbase.errors import ConfigError, DataError, WeightsUnavailableError
 from benchbase.images import from_uint8, to_uint8
 from benchbase.records import FigureSpec
 
@@ -160,9 +160,9 @@ class CodeFormerRestorer:
             detector.load_state_dict({k.removeprefix("module."): v for k, v in det_state.items()}, strict=True)
             parser = ParseNet(in_size=512, out_size=512, parsing_ch=19)
             parser.load_state_dict(load_state_dict(files["parser"]), strict=True)
-        except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: say which)
-            raise WeightsUnavailableError(
-                f"unavailable: CodeFormer weights — the files in {folder} do not load "
+        except Exception as exc:  # noqa: BLE001  (a truncated or foreign file: say which; a failure, not absent)
+            raise DataError(
+                f"CodeFormer weights — the files in {folder} do not load "
                 f"({type(exc).__name__}: {str(exc)[:200]}); put the sczhou/CodeFormer v0.1.0 files there") from None
         # facelib's RetinaFace moves its inputs to a device it picks at import time
         self.device = torch.device(facelib_device)
