@@ -15,9 +15,33 @@ from benchbase.errors import WeightsUnavailableError
 from ._common import load_pretrained, quiet_diffusers, randn
 
 
+def _backbone_cached_or_unavailable(kind: str) -> None:
+    """Offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set), say at once that torchvision's
+    ImageNet backbone is not cached instead of letting torchvision try to download it."""
+    import os
+    from pathlib import Path
+
+    if not (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")):
+        return
+    try:
+        from torchvision import models
+    except ImportError:
+        return  # the loaders below say what is missing
+    weights = {"vgg": "VGG16_Weights", "alex": "AlexNet_Weights"}.get(kind)
+    if weights is None:
+        return
+    url = getattr(models, weights).IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"unavailable: LPIPS-{kind.upper()} needs torchvision's ImageNet {weights.split('_')[0]} weights at {path} "
+            f"(offline: not downloaded; fetch {url} there, or use an offline stand-in: `benchbase ls models`)")
+
+
 def load_lpips(kind: str, device: torch.device):
     """The ``lpips`` role's ``vgg`` / ``alex``: LPIPS-VGG (-AlexNet) v0.1 distance on [-1,1] inputs
     (the ``lpips`` package if installed, else pyiqa's implementation)."""
+    _backbone_cached_or_unavailable(kind)
     try:
         import lpips  # type: ignore
 
