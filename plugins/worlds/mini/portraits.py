@@ -104,8 +104,12 @@ def train_names(n: int) -> list[str]:
 def heldout_names(n: int, exclude_train: int = 4096) -> list[str]:
     """The first ``n`` held-out identities whose attributes differ from the first
     ``exclude_train`` training identities'."""
+    return _heldout_from(0, n, exclude_train)
+
+
+def _heldout_from(start: int, n: int, exclude_train: int) -> list[str]:
     taken = {identity(t).key() for t in train_names(exclude_train)}
-    out, k = [], 0
+    out, k = [], start
     while len(out) < n:
         name = f"heldout-{k:03d}"
         if identity(name).key() not in taken:
@@ -122,14 +126,7 @@ SELECTION_START = 500
 
 def selection_names(n: int, exclude_train: int = 4096) -> list[str]:
     """The first ``n`` selection identities (``heldout-500`` onwards, training look-alikes skipped)."""
-    taken = {identity(t).key() for t in train_names(exclude_train)}
-    out, k = [], SELECTION_START
-    while len(out) < n:
-        name = f"heldout-{k:03d}"
-        if identity(name).key() not in taken:
-            out.append(name)
-        k += 1
-    return out
+    return _heldout_from(SELECTION_START, n, exclude_train)
 
 
 def identity_phrases(ident: Identity) -> list[str]:

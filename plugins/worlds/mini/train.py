@@ -558,6 +558,16 @@ class Trainer:
                                   "face_heldout_verification_auc": round(auc, 4)})
         log(f"[face] held-out same-identity cos {sp.mean():.3f}, different {dp.mean():.3f}, AUC {auc:.4f}")
 
+        det = self.train_detector(self.augment)
+        state = {f"emb.{k}": v for k, v in emb.state_dict().items()}
+        state.update({f"det.{k}": v for k, v in det.state_dict().items()})
+        M.save_weights(self.out / "face.safetensors", state)
+
+    def train_detector(self, augment) -> "M.FaceDetectorNet":
+        """The portrait detector: ``augment(images, gen)`` on positives and negatives alike;
+        held-out recall and false-positive rate go to the evaluation figures."""
+        cfg, d = self.cfg, self.data()
+        images = d["images"]
         torch.manual_seed(cfg["seed"] + 5)
         det = M.FaceDetectorNet()
         opt = torch.optim.AdamW(det.parameters(), lr=cfg["detector_lr"], weight_decay=1e-4)
@@ -569,8 +579,8 @@ class Trainer:
                 g["lr"] = cfg["detector_lr"] * 0.5 * (1 + math.cos(math.pi * i / cfg["detector_steps"]))
             half = cfg["detector_batch"] // 2
             idx = self.batch_idx(len(images), half, gen)
-            x = torch.cat([self.augment(self.to_float(images[idx.numpy()]), gen),
-                           self.augment(self.negatives(half, gen), gen)])
+            x = torch.cat([augment(self.to_float(images[idx.numpy()]), gen),
+                           augment(self.negatives(half, gen), gen)])
             y = torch.cat([torch.ones(half), torch.zeros(half)])
             logit, box, lm = det(x)
             cls = F.binary_cross_entropy_with_logits(logit, y)
@@ -590,9 +600,7 @@ class Trainer:
         self.info["eval"].update({"detector_heldout_recall": round(pos.float().mean().item(), 4),
                                   "detector_false_positive_rate": round(neg.float().mean().item(), 4)})
         log(f"[detector] held-out portraits detected {pos.float().mean():.3f}, negatives accepted {neg.float().mean():.3f}")
-        state = {f"emb.{k}": v for k, v in emb.state_dict().items()}
-        state.update({f"det.{k}": v for k, v in det.state_dict().items()})
-        M.save_weights(self.out / "face.safetensors", state)
+        return det
 
     # ------------------------------------------------------------------ driver
     def run(self, stages: list[str]) -> None:
