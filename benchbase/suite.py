@@ -30,8 +30,9 @@ and the component's parameters::
     # a reference cell r and adds (mean a - mean b) / (mean r - mean b). `direction` (optional):
     # "greater" (a > b) or "less" (a < b) makes the t-test one-sided (default "two-sided");
     # contrasts with the same `family` are Holm-adjusted together (docs/report.md).
-    contrasts = [{ label = "aspl vs noise", metric = "ism", a = { attack = "noise" }, b = { attack = "aspl" },
-                   direction = "greater", family = "protection" }]
+    contrasts = [
+      { label = "aspl vs noise", metric = "ism", a = { attack = "noise" }, b = { attack = "aspl" }, direction = "greater", family = "protection" },
+    ]
 
     [prompts]                  # optional; defaults come from the dataset
     instance = "a photo of sks person"
