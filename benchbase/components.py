@@ -3,8 +3,10 @@
 Conventions at every boundary (see docs/architecture.md):
 - images are ``torch.float32`` tensors, NCHW, RGB, range [0, 1];
 - budgets are in 8-bit levels (``eps = 8`` means 8/255 in [0, 1]);
-- every random choice uses ``ctx.generator`` (a CPU ``torch.Generator`` the core derives
-  from the cell seed and the stage); draw on CPU and move to ``ctx.device``;
+- every random choice uses ``ctx.generator`` (a CPU ``torch.Generator`` seeded with the stage's
+  stream, derived from the seed, the identity and the stage: ``benchbase.seeds``) or a named
+  derivation of that stream (``ctx.rng("generation", prompt, j)``); draw on CPU and move to
+  ``ctx.device``;
 - device and dtype are explicit in ``ctx``.
 
 Each component has a ``name`` and ``version`` (set by the plugin registry from the
@@ -162,7 +164,11 @@ def _no_progress(iterable: Iterable, **_: Any) -> Iterable:
 
 @dataclass
 class Context:
-    """Everything a component may use besides its input images."""
+    """Everything a component may use besides its input images.
+
+    ``seed``: the cell's seed (a label of the replicate; draw nothing from it directly);
+    ``stream``: the stage's seed (``benchbase.seeds.stage_seed``), ``generator`` the generator
+    seeded with it; ``rng(*labels)`` / ``seed_of(*labels)``: independent named sub-streams."""
 
     device: "torch.device"
     dtype: "torch.dtype"
@@ -177,6 +183,25 @@ class Context:
     progress: Callable[..., Iterable] = _no_progress
     info: dict = field(default_factory=dict)  # JSON-able facts a stage records (shown in reports)
     plugins: "PluginManager | None" = None  # the run's registry (None: the process-wide one)
+    stream: int | None = None  # the stage's stream (None: ``seed``, for contexts made by hand)
+
+    def __post_init__(self):
+        if self.stream is None:
+            self.stream = int(self.seed)
+
+    def seed_of(self, *labels: Any) -> int:
+        """The seed of the sub-stream ``labels`` of this stage's stream: a draw that must not depend
+        on how many draws ``generator`` gave before it (image j of an eval prompt, one per image
+        so the batch size changes nothing)."""
+        from benchbase.seeds import derive_seed
+
+        return derive_seed(self.stream, *labels)
+
+    def rng(self, *labels: Any) -> "torch.Generator":
+        """A fresh CPU generator on the sub-stream ``labels`` (see ``seed_of``)."""
+        from benchbase.seeds import generator
+
+        return generator(self.seed_of(*labels))
 
     def models(self) -> "SDModels":
         """A fresh copy of the backend's models (each call loads new module instances)."""

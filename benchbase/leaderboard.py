@@ -6,7 +6,9 @@ Views (numbers and statuses only; nothing here is a display string until ``rende
 - ``attacks``: each attack's score without counter-measure and its worst case over the
   suite's purifiers/defenses/personalizers (direction-aware), naming the arg-worst;
 - ``purifiers``: each (purifier, defense) by its worst case over the suite's attacks;
-- ``contrasts``: the suite's paired contrasts (a − b over identities, 95% t-interval).
+- ``contrasts``: the suite's paired contrasts (a − b over identities, 95% t-interval, the paired
+  t-test's p-value, two- or one-sided as the suite states, Holm-adjusted within a family, and
+  the verdict the adjusted p-value gives).
 
 ``render`` turns a view into a ``Table``: per column the display text, the number it shows,
 its status and the reason behind a status. Markdown and CSV take the text; the HTML report
@@ -38,8 +40,13 @@ from benchbase.store import atomic_write_text
 ROW = ["attack", "purifier", "defense", "personalizer"]
 TITLES = {"cells": "All cells", "attacks": "Attacks: no counter-measure and worst case",
           "purifiers": "Purifiers and defenses: worst case over attacks"}
-CONTRASTS_TITLE = "Contrasts (paired over identities: a − b, mean ± 95% t-interval)"
+CONTRASTS_TITLE = ("Contrasts (paired over identities: a − b, mean ± 95% t-interval; paired t-test, "
+                   "Holm-adjusted within a family, verdict at α = 0.05)")
+ALPHA = 0.05  # the level of a contrast's verdict (on the Holm-adjusted p-value)
+#: the columns of ``per_identity.csv``: one row per record, everything a contrast is computed from
+PER_IDENTITY = ["identity", "seed", "attack", "purifier", "defense", "personalizer", "metric", "status", "value"]
 ARROW = {"higher": "↑", "lower": "↓"}
+HYPOTHESIS = {"two-sided": "a ≠ b", "greater": "a > b", "less": "a < b"}  # a contrast's alternative
 NAN = float("nan")
 
 
@@ -65,6 +72,53 @@ def t95(n: int) -> float:
         return float(stdtrit(n - 1, 0.975))
     except ImportError:  # pragma: no cover - scipy comes with scikit-image
         return 1.96
+
+
+def t_pvalue(d: np.ndarray, direction: str = "two-sided") -> float:
+    """The paired t-test's p-value of differences ``d`` (H0: mean 0) against ``direction``:
+    "two-sided" (mean ≠ 0), "greater" (mean > 0) or "less" (mean < 0); NaN below 2 values.
+    Differences all equal: p is 0 or 1 by their sign (t is ±∞), 1 when they are all 0."""
+    d = np.asarray(d, dtype=np.float64)
+    n = len(d)
+    if n < 2:
+        return NAN
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0 and mean == 0:
+        return 1.0
+    t = math.copysign(math.inf, mean) if sd == 0 else mean / (sd / math.sqrt(n))
+    from scipy.special import stdtr  # the Student-t CDF (scipy.stats.t.cdf; a fraction of its import time)
+
+    if direction == "greater":
+        return float(stdtr(n - 1, -t))  # P(T ≥ t), by symmetry (no 1 − x cancellation)
+    if direction == "less":
+        return float(stdtr(n - 1, t))
+    return float(min(1.0, 2.0 * stdtr(n - 1, -abs(t))))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979) of one family's p-values, in their order: sorted
+    ascending p₍₁₎ ≤ … ≤ p₍ₘ₎, adjusted p₍ᵢ₎ = max over j ≤ i of min(1, (m − j + 1)·p₍ⱼ₎). A NaN
+    (a contrast that could not be tested) stays NaN and does not count in m."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if not _isnan(p))
+    out, running, m = [NAN] * len(pvalues), 0.0, len(tested)
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def verdict(diff: float, p_adjusted: float, direction: str, alpha: float = ALPHA) -> str:
+    """What a contrast shows at level ``alpha`` on its adjusted p-value: "a > b", "a < b", "not
+    shown" (the test does not reject), "n/a" (fewer than 2 identities)."""
+    if _isnan(p_adjusted):
+        return "n/a"
+    if p_adjusted >= alpha:
+        return "not shown"
+    if direction == "greater":
+        return "a > b"
+    if direction == "less":
+        return "a < b"
+    return "a > b" if diff > 0 else "a < b"
 
 
 def _summary(values: pd.Series) -> dict:
@@ -262,7 +316,10 @@ def _per_identity(df: pd.DataFrame, metric: str, cell: dict) -> pd.Series:
 
 
 def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
-    """Paired differences a − b over identities that scored both: mean and 95% t half-width;
+    """Paired differences a − b over identities that scored both (an identity's value: the mean
+    of its seeds): mean and 95% t half-width (two-sided, whatever the direction); ``p``: the
+    paired t-test against the contrast's ``direction``; ``p_holm``: adjusted by Holm over the
+    contrasts of its ``family`` (alone: p itself); ``verdict`` at α = 0.05 on ``p_holm``;
     ``recovered``: (mean a − mean b) / (mean reference − mean b) when the suite names a
     reference and there is a loss to recover (``gap``: reference − b)."""
     rows = []
@@ -272,14 +329,17 @@ def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
         d = (a[both] - b[both]).astype(float)
         row: dict[str, Any] = {"contrast": c["label"], "metric": c["metric"], "a": " / ".join(c["a"].values()),
                                "b": " / ".join(c["b"].values()), "n": len(both), "mean_a": NAN, "mean_b": NAN,
-                               "diff": NAN, "ci95": NAN, "excludes_0": None, "has_recovery": "recovery" in c,
+                               "diff": NAN, "ci95": NAN, "excludes_0": None,
+                               "direction": c.get("direction", "two-sided"), "family": c.get("family") or "",
+                               "p": NAN, "p_holm": NAN, "verdict": "n/a", "has_recovery": "recovery" in c,
                                "recovery": " / ".join(c["recovery"].values()) if "recovery" in c else "",
                                "recovered": NAN, "gap": NAN}
         if len(both):
             s = _summary(d)
             row.update(mean_a=float(a[both].mean()), mean_b=float(b[both].mean()), diff=s["mean"],
                        ci95=s["ci95"] if len(both) > 1 else NAN,
-                       excludes_0=bool(len(both) > 1 and abs(s["mean"]) > s["ci95"]))
+                       excludes_0=bool(len(both) > 1 and abs(s["mean"]) > s["ci95"]),
+                       p=t_pvalue(d.to_numpy(), row["direction"]))
         if "recovery" in c and len(both):
             r = _per_identity(df, c["metric"], c["recovery"])
             common = both.intersection(r.index)
@@ -292,6 +352,14 @@ def contrasts_view(df: pd.DataFrame, contrasts: list[dict]) -> pd.DataFrame:
             if not math.isnan(gap) and lost:
                 row["recovered"] = float(a[common].mean() - b[common].mean()) / gap
         rows.append(row)
+    # Holm within each family; a contrast without one is a family of its own (p_holm = p)
+    families: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        families.setdefault(row["family"] or f"\0{i}", []).append(i)
+    for members in families.values():
+        for i, adjusted in zip(members, holm([rows[i]["p"] for i in members])):
+            rows[i]["p_holm"] = adjusted
+            rows[i]["verdict"] = verdict(rows[i]["diff"], adjusted, rows[i]["direction"])
     return pd.DataFrame(rows)
 
 
@@ -452,9 +520,13 @@ def render_contrasts(view: pd.DataFrame) -> Table:
     if scored.any():
         mean_a, mean_b, diff, interval, excl = (Column("mean a"), Column("mean b"), Column("a − b"),
                                                 Column("95% interval"), Column("excludes 0"))
+        test, p, family, p_holm, decision = (Column("test"), Column("p"), Column("family"), Column("p (Holm)"),
+                                             Column(f"verdict (α = {ALPHA:g})"))
         for _, r in view.iterrows():
+            test.add(HYPOTHESIS.get(r.get("direction", "two-sided"), "a ≠ b"))
+            family.add(r.get("family") or "")
             if r["n"] == 0:  # nothing paired: empty cells, as a missing value
-                for col in (mean_a, mean_b, diff, interval, excl):
+                for col in (mean_a, mean_b, diff, interval, excl, p, p_holm, decision):
                     col.add(NAN)
                 continue
             mean_a.add(round(r["mean_a"], 4), value=r["mean_a"])
@@ -464,7 +536,13 @@ def render_contrasts(view: pd.DataFrame) -> Table:
             interval.add(f"[{r['diff'] - r['ci95']:+.4f}, {r['diff'] + r['ci95']:+.4f}]" if two else "n/a",
                          status=None if two else "n/a")
             excl.add(bool(r["excludes_0"]))
-        cols += [mean_a, mean_b, diff, interval, excl]
+            for col, key in ((p, "p"), (p_holm, "p_holm")):
+                if two:
+                    col.add(f"{r[key]:.4g}", value=r[key])
+                else:
+                    col.add("n/a", status="n/a")
+            decision.add(r.get("verdict", "n/a"), status=None if two else "n/a")
+        cols += [mean_a, mean_b, diff, interval, excl, test, p, family, p_holm, decision]
     if (view["has_recovery"] & scored).any():
         rec = Column("recovered")
         for _, r in view.iterrows():
@@ -564,8 +642,9 @@ def status_markdown(df: pd.DataFrame) -> str:
 
 
 def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
-    """Write leaderboard.md, one CSV per rendered view and ``cells_numeric.csv``; return the
-    markdown path and text."""
+    """Write leaderboard.md, one CSV per rendered view (``contrasts.csv`` when the suite defines
+    contrasts), ``cells_numeric.csv`` and ``per_identity.csv`` (one row per record: identity,
+    seed, the cell's labels, metric, status, value); return the markdown path and text."""
     run_dir = Path(run_dir)
     df, info = load_results(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "leaderboard"
@@ -578,6 +657,9 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
         parts.append(f"\n## {table.title}\n\n" + markdown(frame) + "\n")
         frame.to_csv(out_dir / f"{name}.csv", index=False)
     views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
+    # every record's value, so anyone can recompute a mean, an interval or a contrast (values at
+    # full precision: pandas writes the shortest text that reads back to the same float)
+    df.reindex(columns=PER_IDENTITY).to_csv(out_dir / "per_identity.csv", index=False)
     parts.append(_diagnostics_markdown(run_dir, df, info))
     parts.append(status_markdown(df))
     text = "".join(parts)

@@ -33,7 +33,7 @@ from benchbase.images import (
     save_pngs,
 )
 from benchbase.records import Stage
-from benchbase.store import hash_key
+from benchbase.seeds import SCHEME, derive_seed, generator, stage_seed  # noqa: F401  (derive_seed: public here too)
 from benchbase.suite import Spec, Suite
 
 
@@ -48,11 +48,6 @@ def image_names(data: IdentityData) -> list[str]:
 def safe_stem(name: str, limit: int = 60) -> str:
     """A file name from data reduced to a safe path component (may be empty)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(name)).stem).strip("._-")[:limit]
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A per-stage seed from the cell seed, so stages draw independent, reproducible streams."""
-    return int(hash_key("seed", {"seed": seed, "parts": [str(p) for p in parts]})[:12], 16) % (2**63)
 
 
 def component_id(component) -> dict:
@@ -100,9 +95,11 @@ class StageBuilder:
         return node
 
     def context(self, seed: int, identity: Identity | None, *stage: Any, threat: Threat | None = None) -> Context:
+        """The context of one stage: ``stage`` is the stage and the names that make its stream
+        (``benchbase.seeds``: the stage seed includes the identity, never the upstream choices)."""
+        stream = stage_seed(seed, identity.fingerprint if identity else None, *stage)
         return Context(
-            device=self.device, dtype=self.dtype, seed=seed,
-            generator=torch.Generator().manual_seed(derive_seed(seed, *stage)),
+            device=self.device, dtype=self.dtype, seed=seed, generator=generator(stream), stream=stream,
             backend=self.backend, identity=identity.data if identity else None, prompts=deepcopy(self.prompts),
             shared=SharedStages(self.shared), threat=threat, workdir=self.workdir,
             progress=partial(self.progress), plugins=self.plugins,
@@ -137,14 +134,15 @@ class StageBuilder:
         attack = self.component(cell.attack)
         parts = {"attack": component_id(attack), "identity": ident.fingerprint,
                  "backend": self.backend_fp, "resolution": self.backend.resolution,
-                 "seed": cell.seed, "prompts": vars(self.prompts)}
+                 "seed": cell.seed, "seeds": SCHEME, "prompts": vars(self.prompts)}
         threat = self._threat(cell)
         if threat is not None:  # an adaptive protection depends on the threat it optimises against
             parts["threat"] = {"purifiers": [component_id(p) for p in threat.purifiers],
                                "defense": component_id(threat.defense)}
 
         def compute(folder: Path) -> dict:
-            ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.label, threat=threat)
+            # the attack's name, not its label: the key hashes names (a stored stage drew this stream)
+            ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.name, threat=threat)
             clean = ident.data.set_B
             adv = attack.protect(clean.to(self.device), ctx)
             what, eps = f"attack {cell.attack.label!r}", attack.eps
@@ -163,14 +161,14 @@ class StageBuilder:
         up = self.protect(ident, cell)
         chain = [self.component(s) for s in cell.purifiers]
         parts = {"purifiers": [component_id(p) for p in chain], "protect": up.key, "seed": cell.seed,
-                 "backend": self.backend_fp}
+                 "seeds": SCHEME, "backend": self.backend_fp}
 
         def compute(folder: Path) -> dict:
             images = load_pngs(self.read(up) / "images").to(self.device)
             info = {}
             try:
                 for i, (spec, purifier) in enumerate(zip(cell.purifiers, chain)):
-                    ctx = self.context(cell.seed, ident, Stage.PURIFY, i, spec.label)
+                    ctx = self.context(cell.seed, ident, Stage.PURIFY, i, spec.name)
                     before, images = images, purifier.purify(images, ctx)
                     check_images(images, before, f"purifier {spec.label!r}")
                     images = quantize(images)  # each stage's output is what a file would hold
@@ -192,12 +190,14 @@ class StageBuilder:
         up = self.purify(ident, cell)
         personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
         parts = {"personalizer": {**component_id(personalizer), "params": personalizer.train_config()},
-                 "defense": component_id(defense), "purify": up.key, "seed": cell.seed,
+                 "defense": component_id(defense), "purify": up.key, "seed": cell.seed, "seeds": SCHEME,
                  "backend": self.backend_fp, "prompts": vars(self.prompts)}
 
         def compute(folder: Path) -> dict:
             images = load_pngs(self.read(up) / "images").to(self.device)
-            ctx = self.context(cell.seed, ident, Stage.PERSONALIZE, cell.personalizer.label, cell.defense.label)
+            # the victim's stream names no attack, purifier, defense or personalizer: every victim of
+            # this identity and seed draws the same noise (common random numbers, benchbase.seeds)
+            ctx = self.context(cell.seed, ident, Stage.PERSONALIZE)
             personalizer.train(images, ctx, defense, folder)
             return ctx.info
 
@@ -210,11 +210,11 @@ class StageBuilder:
         up = self.personalize(ident, cell)
         personalizer, defense = self.component(cell.personalizer), self.component(cell.defense)
         parts = {"personalizer": component_id(personalizer), "personalize": up.key, "seed": cell.seed,
-                 "eval": self.prompts.eval, "negative": self.prompts.negative}
+                 "seeds": SCHEME, "eval": self.prompts.eval, "negative": self.prompts.negative}
 
         def compute(folder: Path) -> dict:
             model_dir = self.read(up)
-            ctx = self.context(cell.seed, ident, Stage.GENERATE, cell.personalizer.label, cell.defense.label)
+            ctx = self.context(cell.seed, ident, Stage.GENERATE)  # common random numbers, as personalize
             outputs = personalizer.generate(model_dir, ctx, defense)
             index = {}
             for i, (prompt, images) in enumerate(outputs.items()):
@@ -236,7 +236,7 @@ class StageBuilder:
             ups["purified"] = self.purify(ident, cell)
         if "generated" in reads:
             ups["generated"] = self.generate(ident, cell)
-        parts = {"metric": component_id(metric), "identity": ident.fingerprint, "seed": cell.seed,
+        parts = {"metric": component_id(metric), "identity": ident.fingerprint, "seed": cell.seed, "seeds": SCHEME,
                  "inputs": {k: n.key for k, n in sorted(ups.items())}, "reads": sorted(reads),
                  "resolution": self.backend.resolution, "prompts": vars(self.prompts)}
 
@@ -252,7 +252,7 @@ class StageBuilder:
                 inputs.references = data.set_C
             if "set_A" in reads:
                 inputs.set_A = data.set_A
-            ctx = self.context(cell.seed, ident, Stage.SCORE, spec.label)
+            ctx = self.context(cell.seed, ident, Stage.SCORE, spec.name)
             value = metric.score(inputs, ctx)
             if not isinstance(value, MetricValue):
                 raise TypeError(f"metric {spec.label!r} returned {type(value).__name__}, not MetricValue")

@@ -27,8 +27,12 @@ and the component's parameters::
     # optional: paired contrasts the leaderboard reports as mean difference over identities
     # with a 95% t-interval (a - b per identity). A cell selector's missing keys mean
     # attack/purifier/defense "none" and the first personalizer; `recovery` (optional) names
-    # a reference cell r and adds (mean a - mean b) / (mean r - mean b).
-    contrasts = [{ label = "aspl vs noise", metric = "ism", a = { attack = "noise" }, b = { attack = "aspl" } }]
+    # a reference cell r and adds (mean a - mean b) / (mean r - mean b). `direction` (optional):
+    # "greater" (a > b) or "less" (a < b) makes the t-test one-sided (default "two-sided");
+    # contrasts with the same `family` are Holm-adjusted together (docs/report.md).
+    contrasts = [
+      { label = "aspl vs noise", metric = "ism", a = { attack = "noise" }, b = { attack = "aspl" }, direction = "greater", family = "protection" },
+    ]
 
     [prompts]                  # optional; defaults come from the dataset
     instance = "a photo of sks person"
@@ -213,6 +217,10 @@ class _Contrast(_Table):
     a: _CellSelector
     b: _CellSelector
     recovery: _CellSelector | None = None
+    #: the hypothesis: "two-sided" (a ≠ b, the default), "greater" (a > b) or "less" (a < b), one-sided
+    direction: Literal["two-sided", "greater", "less"] = "two-sided"
+    #: contrasts sharing a family label are one family of tests: their p-values are Holm-adjusted together
+    family: StrictStr | None = None
 
 
 class SuiteFile(_Table):
@@ -373,7 +381,9 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
     contrasts = []
     defaults = {"attack": "none", "purifier": "none", "defense": "none", "personalizer": known["personalizer"][0]}
     for i, c in enumerate(parsed.contrasts or []):
-        item = {"label": c.label or f"{c.metric}: a - b", "metric": c.metric}
+        item = {"label": c.label or f"{c.metric}: a - b", "metric": c.metric, "direction": c.direction}
+        if c.family is not None:
+            item["family"] = c.family
         for side in ("a", "b", "recovery"):
             sel = getattr(c, side)
             if sel is None:

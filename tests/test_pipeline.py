@@ -52,6 +52,9 @@ def test_smoke_suite_end_to_end(smoke_runs):
     assert info["status"] == "finished" and info["suite"] == "smoke" and "torch" in info["packages"]
     md, text = leaderboard.write(run_dir)
     assert "Random-weight model" in text and "psnr ↑" in text and (md.parent / "cells.csv").is_file()
+    # what the committed smoke leaderboard holds: every record, and the suite's contrasts
+    assert len((md.parent / "per_identity.csv").read_text().splitlines()) == len(first.records) + 1
+    assert len((md.parent / "contrasts.csv").read_text().splitlines()) == 1 + 2
 
 
 def test_second_run_is_a_pure_cache_hit(smoke_runs):

@@ -13,7 +13,7 @@ optionally clipping the gradient norm. The data index is deterministic, as Anti-
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ import torch
 
 from benchbase.components import Context, Prompts
 from benchbase.images import load_pngs, save_pngs
+from benchbase.seeds import SCHEME, generator, shared_seed
 from benchbase.toolkit.diffusion import diffusion_loss
 
 if TYPE_CHECKING:
@@ -56,18 +57,22 @@ def adamw(params: list, lr: float, betas: tuple[float, float] = (0.9, 0.999), we
 
 
 def generate_images(
-    models: "SDModels", prompt: str, n: int, steps: int, guidance: float, seed: int,
+    models: "SDModels", prompt: str, n: int, steps: int, guidance: float, seed: "int | Sequence[int]",
     negative_prompt: str = "", batch_size: int = 4, pipe=None, progress=None,
 ) -> torch.Tensor:
     """``n`` images of ``prompt`` from the models' sampler, (n, 3, H, W) in [0, 1] on the CPU;
-    image ``i`` is drawn with its own generator seeded ``seed + i``, so a result does not depend
-    on the batch size."""
+    image ``i`` is drawn with its own generator, seeded ``seed[i]`` (a list of ``n`` seeds: the
+    stage's named sub-streams, ``ctx.seed_of(...)``) or ``seed + i`` (an int), so a result does
+    not depend on the batch size."""
+    seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"generate_images: {len(seeds)} seeds for {n} images")
     pipe = pipe or models.pipeline()
     out = []
     starts = range(0, n, batch_size)
     for start in (progress(starts, desc=f"generate {prompt[:30]!r}", leave=False) if progress else starts):
         count = min(batch_size, n - start)
-        gens = [torch.Generator().manual_seed(seed + start + k) for k in range(count)]
+        gens = [generator(s) for s in seeds[start:start + count]]
         with torch.no_grad():
             result = pipe(
                 [prompt] * count, negative_prompt=[negative_prompt] * count if negative_prompt else None,
@@ -79,15 +84,21 @@ def generate_images(
 
 
 def class_images(ctx: Context, prompt: str, n: int, steps: int, guidance: float) -> torch.Tensor:
-    """The base model's prior-preservation images of ``prompt`` (seeds 0..n−1), generated once per
-    (backend, prompt, count, sampler steps, guidance, resolution) and shared by every cell and
-    component through the store (stage ``class_images``); (n, 3, H, W) in [0, 1] on the CPU."""
+    """The base model's prior-preservation images of ``prompt``, generated once per (backend,
+    prompt, count, sampler steps, guidance, resolution) and shared by every cell and component
+    through the store (stage ``class_images``); (n, 3, H, W) in [0, 1] on the CPU.
+
+    Shared on purpose by every identity and seed: they are the base model's sample of the class,
+    not a property of a victim (the DreamBooth scripts generate the class-data folder once and
+    reuse it for every subject). Image j is drawn on the shared stream ``("class_images", prompt,
+    j)`` of ``benchbase.seeds.shared_seed``, never on a cell's stream: a cache hit equals a miss."""
     key = {"backend": ctx.backend.fingerprint(), "prompt": prompt, "n": n, "steps": steps,
-           "guidance": guidance, "seed": 0, "resolution": ctx.backend.resolution}
+           "guidance": guidance, "seeds": SCHEME, "resolution": ctx.backend.resolution}
 
     def compute(folder: Path) -> None:
         models = ctx.models()
-        images = generate_images(models, prompt, n, steps, guidance, seed=0, progress=ctx.progress)
+        seeds = [shared_seed("class_images", prompt, j) for j in range(n)]
+        images = generate_images(models, prompt, n, steps, guidance, seed=seeds, progress=ctx.progress)
         save_pngs(images, folder)
 
     return load_pngs(ctx.shared.get_or_compute("class_images", key, compute))

@@ -5,8 +5,8 @@ dict of the trainable tensors, never a deep copy of the modules). The DreamBooth
 class images and noising come from ``benchbase.toolkit``, the same code the victims run.
 
 All images are [0, 1] at the boundary; every random draw uses the generator handed in (the
-cell's ``ctx.generator``, or a generator seeded from a shared stage's key so that a cache hit
-and a cache miss leave the cell's random stream identical).
+stage's ``ctx.generator``, or for a shared stage a generator on its ``benchbase.seeds.shared_seed``
+stream, so that a cache hit and a cache miss leave the cell's random stream identical).
 """
 
 from __future__ import annotations
@@ -300,7 +300,3 @@ def images_digest(images: torch.Tensor) -> str:
     return hashlib.sha256(to_uint8(images).tobytes()).hexdigest()[:16]
 
 
-def seeded_generator(*parts) -> torch.Generator:
-    """A CPU generator seeded from ``parts`` (for shared stages, independent of the cell's stream)."""
-    seed = int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
-    return torch.Generator().manual_seed(seed)

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 
 from benchbase.components import Attack, Context
+from benchbase.seeds import SCHEME, generator, shared_seed
 from benchbase.toolkit import ObjectiveTrace, denoise, pgd, threat_view
 
 from ._precision import weights_precision
@@ -18,7 +19,6 @@ from ._surrogate import (
     class_latents,
     images_digest,
     load_models,
-    seeded_generator,
     target_latents,
     targeted_term,
 )
@@ -73,15 +73,18 @@ class FSMG(Attack):
         p = self.params
         set_A = ctx.identity.set_A
         key = {"backend": ctx.backend.fingerprint(), "set_A": images_digest(set_A), "recipe": self._recipe(),
-               "instance": prompts.instance, "class": prompts.class_}
+               "instance": prompts.instance, "class": prompts.class_, "seeds": SCHEME}
         if p.lora_rank:  # peft names the adapter tensors differently from the earlier hand-written LoRA
             key["lora"] = "peft"
 
         def compute(folder):
             from safetensors.torch import save_file
 
-            # its own generator: a cache hit and a miss must leave ctx.generator's stream equal
-            gen = seeded_generator("fsmg", key["set_A"], p.surrogate_seed)
+            # shared on purpose by every seed of the identity (FSMG trains θ* once on set_A and
+            # perturbs set_B with it), so it draws on a shared stream named by what it is (the
+            # identity's set_A, the surrogate seed), never the cell's: a cache hit and a miss must
+            # leave ctx.generator's stream equal
+            gen = generator(shared_seed("fsmg-surrogate", key["set_A"], p.surrogate_seed))
             models = load_models(ctx, self._precision())
             s = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder, p.lora_rank or 4,
                           p.gradient_checkpointing, generator=gen)
@@ -101,7 +104,8 @@ class FSMG(Attack):
         p = self.params
         folder = self.surrogate_folder(ctx, prompts)
         models = load_models(ctx, self._precision())
-        gen = seeded_generator("fsmg-lora-init", p.surrogate_seed)  # LoRA init is overwritten by the load
+        # the LoRA init is overwritten by the load; a shared stream keeps ctx.generator's untouched
+        gen = generator(shared_seed("fsmg-lora-init", p.surrogate_seed))
         s = Surrogate(models, "lora" if p.lora_rank else "full", p.train_text_encoder, p.lora_rank or 4,
                       p.gradient_checkpointing, generator=gen)
         s.load_state({k: v.to(ctx.device) for k, v in load_file(str(folder / STATE_FILE)).items()})

@@ -7,7 +7,8 @@ encoder trained, lr 5e-7 constant, 1000 steps, 1 instance + 1 class image per st
 prior weight 1.0, 200 class images, AdamW (0.9, 0.999, wd 1e-2, eps 1e-8; AdamW8bit on
 CUDA when bitsandbytes is present), grad clip 1.0; generation of 16 images for each of
 "a photo of sks person" and "a dslr portrait of sks person", 100 steps, guidance 7.5,
-seeded per image index (the released code is unseeded; seeding makes cells comparable).
+each image seeded from the generate stage's stream (the identity and seed: ``benchbase.seeds``)
+and its index (the released code is unseeded; seeding makes cells comparable).
 """
 
 from __future__ import annotations
@@ -141,11 +142,15 @@ class DreamBooth(Personalizer):
         pipe = models.pipeline()
         negative = defense.negative_prompt(ctx.prompts.negative)
         out, used = {}, {}
-        for i, prompt in enumerate(ctx.prompts.eval):
+        for prompt in ctx.prompts.eval:
             used[prompt] = defense.generation_prompt(prompt)
-            # image j of prompt i gets the same seed under every victim, so cells compare draw by draw
+            # image j of an eval prompt starts from the sub-stream ("generation", prompt, j) of the
+            # generate stage, whose stream names the identity and seed only: every victim of one
+            # identity (clean, noise, attacked, defended) draws the same starting noise, so cells
+            # compare draw by draw; the undefended prompt names it, as it names the outputs
+            seeds = [ctx.seed_of("generation", prompt, j) for j in range(p.num_images_per_prompt)]
             out[prompt] = generate_images(models, used[prompt], p.num_images_per_prompt, p.num_inference_steps,
-                                          p.guidance_scale, seed=ctx.seed * 100_000 + i * 1000,
+                                          p.guidance_scale, seed=seeds,
                                           negative_prompt=negative, batch_size=p.generation_batch_size,
                                           pipe=pipe, progress=ctx.progress)
         ctx.info.update(generation_prompts=used, negative_prompt=negative)
