@@ -27,5 +27,5 @@ def register_attacks(register):
              description="SimAC: ASPL + greedy adaptive timestep selection, released pure-bf16 surrogate (feature_loss='gradient' for the paper objective)")
     register("metacloak", "benchbase_plugins.attacks.metacloak:MetaCloak", version="2",
              description="MetaCloak as released: model pool + meta loop + EOT (blur k7 + flip), 11 levels, bf16 training / fp16 PGD, set_B reshuffled per call, unscaled instance images (paper_quirks)")
-    register("caat", "benchbase_plugins.attacks.caat:CAAT", version="1",
-             description="CAAT: joint image ascent and cross-attention K/V training (lr 1e-5, 250 steps)")
+    register("caat", "benchbase_plugins.attacks.caat:CAAT", version="2",
+             description="CAAT: joint image ascent and cross-attention K/V training (lr 1e-5, 250 steps), the start token's K/V detached as Custom Diffusion's processor does")
