@@ -15,8 +15,8 @@ def register_attacks(register):
              description="AdvDM(+/-): PGD on the frozen model's denoising loss (Liang et al. ICML'23), eps 16")
     register("mist", "benchbase_plugins.attacks.mist:Mist", version="1",
              description="Mist semantic/textural/fused (rate 1e4) on the frozen model, bundled target texture, eps 16")
-    register("photoguard", "benchbase_plugins.attacks.photoguard:PhotoGuard", version="1",
-             description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion': the notebook's L-inf call (5 EOT reps)")
+    register("photoguard", "benchbase_plugins.attacks.photoguard:PhotoGuard", version="2",
+             description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion': the notebook's L-inf call (5 EOT reps); each image its own norm, as the one-image notebooks")
     register("sds", "benchbase_plugins.attacks.sds:SDS", version="1",
              description="SDS(+/-) and SDST: score-distillation protection, UNet without grad (Xue et al. ICLR'24), eps 16")
     register("aspl", "benchbase_plugins.attacks.aspl:ASPL", version="1",
