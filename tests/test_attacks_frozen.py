@@ -309,3 +309,29 @@ def test_photoguard_diffusion_defaults_follow_the_linf_notebook_call(env, monkey
     attack = pg.PhotoGuard(mode="diffusion", steps=2, sampling_steps=1)
     attack.protect(env["clean"][:1].clone(), ctx)
     assert len(calls) == 2 * 5 and ctx.info["eot_samples"] == 5
+
+
+@pytest.mark.parametrize("mode", ["encoder", "diffusion"])
+def test_photoguard_gives_each_image_the_gradient_of_its_own_norm(env, mode):
+    """The notebooks attack one image at a time (a batch of one, ``.norm()`` of it): in a batch,
+    an image's gradient must not depend on the other images, as it would under the norm of the
+    whole batch (each gradient scaled by 1/‖batch‖, which reweighs the diffusion attack's EOT)."""
+    from benchbase_plugins.attacks.photoguard import PhotoGuard
+
+    attack = PhotoGuard(mode=mode, sampling_steps=1)
+
+    def grad_of_first(batch):
+        ctx = make_context(backend=env["backend"], seed=5)  # the same draws for batches of one shape
+        make = attack._encoder_loss if mode == "encoder" else attack._diffusion_loss
+        x = batch.clone().requires_grad_(True)
+        make(env["models"], 64, ctx)(x).backward()
+        return x.grad[0]
+
+    clean = env["clean"][:2]
+    other = clean.clone()
+    other[1] = other[1] * 0.5  # another second image: another norm of the batch
+    g, g_other = grad_of_first(clean), grad_of_first(other)
+    assert float(g.norm()) > 0
+    assert float((g - g_other).norm()) < 1e-5 * float(g.norm())
+    if mode == "encoder":  # deterministic: the batch of one gives the same gradient
+        assert float((g - grad_of_first(clean[:1])).norm()) < 1e-5 * float(g.norm())

@@ -214,6 +214,77 @@ def test_caat_and_lora_train_only_their_tensors(env):
     assert moved and moved <= set(n.removeprefix("unet.") for n in names)
 
 
+def test_caat_detaches_the_start_token_as_custom_diffusions_processor(env):
+    """CAAT's release trains K/V through diffusers' ``CustomDiffusionAttnProcessor``, which detaches
+    the first text token's key and value. With ``detach_start_token`` (the default) the K/V weight
+    gradient is that processor's; off, it is the default processor's, larger by the start token's
+    term. The image gradient is the same in all three (K/V depend only on the frozen text)."""
+    import copy
+
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+
+    from benchbase.toolkit import denoise
+    from benchbase_plugins.attacks._surrogate import Surrogate
+    from benchbase_plugins.attacks.caat import CAAT, detach_start_token
+
+    assert CAAT().params.detach_start_token is True
+    models = _ctx(env).models()
+    s = Surrogate(models, "crossattn_kv", train_text_encoder=False)
+    cond = s.encode_prompts(["a photo of a person"] * 2)
+    images = env["identity"].set_B[:2]
+
+    def grads(unet, weights):
+        x = images.clone().requires_grad_(True)
+        g = torch.Generator().manual_seed(7)
+        out = denoise(models, unet, models.encode_images(x, sample=True, generator=g), cond, g)
+        (out["pred"] - out["target"]).pow(2).mean().backward()
+        found = [w.grad.clone() for w in weights(unet)]
+        for w in weights(unet):
+            w.grad = None
+        return found, x.grad
+
+    def plain(unet):
+        return [m.weight for n, m in unet.named_modules() if n.endswith((".attn2.to_k", ".attn2.to_v"))]
+
+    # the release's path: Custom Diffusion processors on the cross-attention, loaded with to_k/to_v
+    custom = copy.deepcopy(s.unet)
+    procs = dict(custom.attn_processors)
+    for name in procs:
+        if name.endswith("attn2.processor"):
+            attn = custom.get_submodule(name.removesuffix(".processor"))
+            proc = CustomDiffusionAttnProcessor(train_kv=True, train_q_out=False, hidden_size=attn.to_k.out_features,
+                                                cross_attention_dim=attn.to_k.in_features)
+            proc.load_state_dict({"to_k_custom_diffusion.weight": attn.to_k.weight.detach(),
+                                  "to_v_custom_diffusion.weight": attn.to_v.weight.detach()})
+            procs[name] = proc
+    custom.set_attn_processor(procs)
+    release, x_release = grads(custom, lambda u: [w for n, m in u.attn_processors.items() if n.endswith("attn2.processor")
+                                                  for w in (m.to_k_custom_diffusion.weight, m.to_v_custom_diffusion.weight)])
+    assert len(release) == len(plain(s.unet)) > 0
+
+    off, x_off = grads(s.unet, plain)
+    hooks = detach_start_token(s.unet)
+    try:
+        on, x_on = grads(s.unet, plain)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the processors differ only in the attention kernel (bmm vs SDPA): float32 rounding
+    to_release = sum(float((a - b).norm()) for a, b in zip(on, release))
+    start_term = sum(float((c - a).norm()) for a, c in zip(on, off))
+    total = sum(float(c.norm()) for c in off)
+    print(f"K/V gradient: |on - release| {to_release / total:.2e}, |off - on| {start_term / total:.2e} of |off|")
+    assert start_term > 1e-2 * total  # the start token's share of the gradient is not negligible...
+    assert to_release < 1e-2 * start_term  # ...and the default leaves it out, as the release does
+    for xg in (x_off, x_release):
+        assert float((x_on - xg).norm()) < 1e-4 * float(x_on.norm())
+
+    ctx = _ctx(env)
+    CAAT(max_train_steps=1).protect(images.clone(), ctx)
+    assert ctx.info["caat_detach_start_token"] is True
+    assert not any(m._forward_hooks for m in ctx.models().unet.modules())  # removed after the run
+
+
 def test_targeted_and_ensemble_aspl_run(env, tmp_path):
     from benchbase_plugins.attacks.aspl import ASPL
 

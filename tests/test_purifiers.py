@@ -20,7 +20,7 @@ NAMES = ["none", "oracle", "jpeg", "blur", "resize", "diffpure", "pixel-diffpure
 
 # shrunk settings: every model is a tiny random-weight stand-in, step counts are minimal
 TINY_PARAMS = {
-    "diffpure": {"t": 4},
+    "diffpure": {"model": "backend", "t": 4},
     "pixel-diffpure": {"model": "tiny", "t": 4},
     "gridpure": {"model": "tiny", "t": 2, "iterations": 2},
     # guided-diffusion's architecture and learned variance in miniature, on the respaced schedule
@@ -142,6 +142,12 @@ def test_upscale_sampler_reproduces_the_diffusers_pipeline(identity):
                noise_level=20, generator=torch.Generator().manual_seed(3), output_type="pt").images
     assert ours.shape == (len(low), 3, 64, 64)
     assert torch.allclose(ours, ref, atol=1e-5)
+    # level 0 still goes through the low-res scheduler (noise_level_sub = noise_level in the
+    # Noisy Upscaling fork makes the same add_noise(image, noise, 0) call)
+    ours = upscale(pipe, low, make_context(seed=3), "A photo of a person", "", 2, 9.0, 0)
+    ref = pipe(prompt=["A photo of a person"] * len(low), image=low, num_inference_steps=2, guidance_scale=9.0,
+               noise_level=0, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert torch.allclose(ours, ref, atol=1e-5)
 
 
 def test_noisy_upscale_conditions_without_adding_low_res_noise(purifiers):
@@ -157,6 +163,23 @@ def test_realign_and_clip_align_share_the_registered_tiny_clip():
     purifier_side = ClipAlignment("tiny", None, torch.device("cpu")).model.state_dict()
     assert metric_side.keys() == purifier_side.keys()
     assert all(torch.equal(metric_side[k], purifier_side[k]) for k in metric_side)
+
+
+def test_latent_diffpure_defaults_to_diffshortcuts_sd14_and_takes_a_named_model(tiny, identity):
+    """DiffShortcut's ldiffp hard-codes CompVis/stable-diffusion-v1-4: the default, one clear
+    error offline; ``model = "backend"`` is the run's backend and a named folder loads as an SD
+    backend (the tiny backend's own folder gives the backend's output, seed for seed)."""
+    default = get_plugin_manager().create("purifiers", "diffpure", {})
+    assert default.params.model == "CompVis/stable-diffusion-v1-4"
+    with pytest.raises(WeightsUnavailableError, match="stable-diffusion-v1-4"):
+        default.purify(identity.set_B[:1], ctx_for(tiny, identity))
+    x = identity.set_B[:1]
+    ctx_b, ctx_f = ctx_for(tiny, identity, seed=3), ctx_for(tiny, identity, seed=3)
+    by_backend = create("diffpure").purify(x, ctx_b)
+    by_folder = create("diffpure", model=str(tiny.folder())).purify(x, ctx_f)
+    assert torch.equal(by_backend, by_folder) and not torch.equal(by_backend, x)
+    assert ctx_b.info["diffpure"]["model"] == tiny.describe()
+    assert ctx_f.info["diffpure"]["model"] == str(tiny.folder())
 
 
 # ---------------------------------------------------------------------------------------

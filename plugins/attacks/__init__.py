@@ -15,8 +15,8 @@ def register_attacks(register):
              description="AdvDM(+/-): PGD on the frozen model's denoising loss (Liang et al. ICML'23), eps 16")
     register("mist", "benchbase_plugins.attacks.mist:Mist", version="1",
              description="Mist semantic/textural/fused (rate 1e4) on the frozen model, bundled target texture, eps 16")
-    register("photoguard", "benchbase_plugins.attacks.photoguard:PhotoGuard", version="1",
-             description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion': the notebook's L-inf call (5 EOT reps)")
+    register("photoguard", "benchbase_plugins.attacks.photoguard:PhotoGuard", version="2",
+             description="PhotoGuard encoder attack (mean latent to zero, decaying step, eps 7.65); mode 'diffusion': the notebook's L-inf call (5 EOT reps); each image its own norm, as the one-image notebooks")
     register("sds", "benchbase_plugins.attacks.sds:SDS", version="1",
              description="SDS(+/-) and SDST: score-distillation protection, UNet without grad (Xue et al. ICLR'24), eps 16")
     register("aspl", "benchbase_plugins.attacks.aspl:ASPL", version="1",
@@ -27,5 +27,5 @@ def register_attacks(register):
              description="SimAC: ASPL + greedy adaptive timestep selection, released pure-bf16 surrogate (feature_loss='gradient' for the paper objective)")
     register("metacloak", "benchbase_plugins.attacks.metacloak:MetaCloak", version="2",
              description="MetaCloak as released: model pool + meta loop + EOT (blur k7 + flip), 11 levels, bf16 training / fp16 PGD, set_B reshuffled per call, unscaled instance images (paper_quirks)")
-    register("caat", "benchbase_plugins.attacks.caat:CAAT", version="1",
-             description="CAAT: joint image ascent and cross-attention K/V training (lr 1e-5, 250 steps)")
+    register("caat", "benchbase_plugins.attacks.caat:CAAT", version="2",
+             description="CAAT: joint image ascent and cross-attention K/V training (lr 1e-5, 250 steps), the start token's K/V detached as Custom Diffusion's processor does")

@@ -25,6 +25,15 @@ class CAAT(Attack):
     0.05 in [−1,1], no random start) and K/V take an AdamW descent step (lr 1e-5, constant,
     gradient norm clipped to 1.0), the optimizer kept across iterations.
 
+    The release trains K/V through diffusers' ``CustomDiffusionAttnProcessor`` (``CAAT.py``
+    655–726, diffusers 0.21.0 pinned in ``requirements.txt``), whose cross-attention branch
+    replaces the first text token's key and value by detached copies (``detach[:, :1, :] = 0``):
+    the start token still takes part in the attention, but its key/value contribute nothing to
+    the K/V weight gradient (nor, so, to the gradient norm that is clipped). ``detach_start_token``
+    (default on) does the same with forward hooks on ``attn2.to_k``/``to_v``; off, the start token
+    feeds the weight gradient as under diffusers' default processor. The image gradient is the
+    same either way (keys and values depend only on the frozen text encoder's output).
+
     Deviations, on purpose: the script's ``--hflip`` is off (with it the released code may save
     mirrored images), and prior preservation is not offered (the released prior script puts no
     class images in the perturbed batch).
@@ -44,6 +53,8 @@ class CAAT(Attack):
         prompt: str | None = None
         precision: Literal["context", "fp32", "bf16"] = "context"
         gradient_checkpointing: bool = False
+        #: Custom Diffusion's processor: no K/V weight gradient through the first text token
+        detach_start_token: bool = True
 
     supports_adaptive = True
 
@@ -54,6 +65,15 @@ class CAAT(Attack):
         models = load_models(ctx, p.precision)
         s = Surrogate(models, "crossattn_kv", train_text_encoder=False,
                       gradient_checkpointing=p.gradient_checkpointing)
+        hooks = detach_start_token(s.unet) if p.detach_start_token else []
+        try:
+            return self._run(x0, ctx, models, s, purify, prompts)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _run(self, x0, ctx: Context, models, s: Surrogate, purify, prompts) -> torch.Tensor:
+        p = self.params
         optimizer = torch.optim.AdamW(s.params, lr=p.learning_rate, betas=(p.adam_beta1, p.adam_beta2),
                                       weight_decay=p.adam_weight_decay, eps=p.adam_epsilon)
         prompt = p.prompt or f"a photo of a {prompts.class_noun}"
@@ -79,6 +99,25 @@ class CAAT(Attack):
         trace.extend(losses)
         trace.record(ctx.info)
         ctx.info.update(caat_loss_first=losses[0] if losses else None, caat_loss_last=losses[-1] if losses else None,
-                        caat_prompt=prompt, trainable_kv_params=sum(t.numel() for t in s.params),
+                        caat_prompt=prompt, caat_detach_start_token=p.detach_start_token,
+                        trainable_kv_params=sum(t.numel() for t in s.params),
                         adaptive=ctx.threat is not None)
         return x.detach().cpu()
+
+
+def _detach_first_token(module, args, output: torch.Tensor) -> torch.Tensor:
+    # the same value, but the first token's row is a constant for autograd: what
+    # CustomDiffusionAttnProcessor's ``detach * key + (1 - detach) * key.detach()`` computes
+    return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
+
+
+def detach_start_token(unet: torch.nn.Module) -> list:
+    """Forward hooks on every cross-attention key/value projection (``attn2.to_k``/``to_v``, the
+    tensors CAAT trains) that cut the gradient through the first text token's key and value, as
+    diffusers' ``CustomDiffusionAttnProcessor`` (the processor CAAT's release trains through)
+    does. Returns the hook handles (``.remove()`` them to restore the plain processor)."""
+    handles = [module.register_forward_hook(_detach_first_token) for name, module in unet.named_modules()
+               if name.endswith((".attn2.to_k", ".attn2.to_v"))]
+    if not handles:
+        raise ValueError("caat: the UNet has no cross-attention key/value projections (attn2.to_k/to_v)")
+    return handles

@@ -29,6 +29,15 @@ NATIVE = {
 }
 
 
+def per_image_norm(diff: torch.Tensor) -> torch.Tensor:
+    """Σᵢ ‖diffᵢ‖₂: the notebooks attack one image at a time (``preprocess(init_image)`` is a batch
+    of one) and take ``.norm()`` of that image's tensor. Summing the per-image norms gives every
+    image of a batch the gradient of its own run; the norm of the whole batch would weigh each
+    image's gradient by 1/‖batch‖ instead of 1/‖image‖, which changes the EOT average of the
+    diffusion attack (the encoder attack's sign step is the same either way)."""
+    return diff.flatten(1).norm(dim=1).sum()
+
+
 def decaying_step(alpha: float, steps: int):
     """PhotoGuard's linear decay α_i = α − (α − α/100)·i/N (α at i = 0, ≈ α/100 at the end)."""
     return lambda i: alpha - (alpha - alpha / 100.0) * i / steps
@@ -55,6 +64,12 @@ class PhotoGuard(Attack):
     latent at ``strength`` (0.5, the img2img notebook's edit strength) — a documented
     adaptation. ``eps``/``step_size``/``steps``/``decay``/``random_start``/``grad_reps`` left
     unset take the mode's native values.
+
+    Both notebooks attack one image (a batch of one), so each image's loss is its own norm
+    (:func:`per_image_norm`): a batch gives every image its single-image gradient. Saving: the
+    notebooks' ``ToPILImage`` truncates (``mul(255).byte()``), so their PNG lies −8 … +7 levels
+    from the clean image at ε = 7.65; the suite rounds and clips to ±⌊ε⌋ = ±7
+    (``quantization = "truncate"``: floor, then the same clip, −7 … +7).
     """
 
     class Params(Attack.Params):
@@ -103,10 +118,11 @@ class PhotoGuard(Attack):
                               maximize=False,
                               eot_samples=eot, progress=ctx.progress)
             out.append(adv)
+            losses = [v / len(adv) for v in losses]  # the summed norms as a mean per image
             first.extend(losses[:1])
             last.extend(losses[-1:])
             runs.append(losses)
-        objective = ObjectiveTrace(f"photoguard {p.mode}: distance to the {p.target} target"
+        objective = ObjectiveTrace(f"photoguard {p.mode}: distance to the {p.target} target, mean per image"
                                    + (", mean over the batches" if len(runs) > 1 else ""), maximize=False)
         objective.extend_mean(runs)
         objective.record(ctx.info)
@@ -131,7 +147,7 @@ class PhotoGuard(Attack):
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             # the mean latent (scaled by the VAE factor: a constant that leaves the sign step unchanged)
             mu = models.encode_images(x, sample=False).float()
-            return (mu if z_tgt is None else mu - z_tgt.expand_as(mu)).norm()
+            return per_image_norm(mu if z_tgt is None else mu - z_tgt.expand_as(mu))
 
         return loss_fn
 
@@ -174,6 +190,6 @@ class PhotoGuard(Attack):
                                      variance_noise=randn(latents.shape, latents)).prev_sample
             # raw decoder output (no clamp, so saturated pixels still carry gradient)
             decoded = models.vae.decode(latents.to(models.vae.dtype) / models.scaling_factor).sample.float()
-            return (decoded if x_tgt is None else decoded - x_tgt.expand_as(decoded)).norm()
+            return per_image_norm(decoded if x_tgt is None else decoded - x_tgt.expand_as(decoded))
 
         return loss_fn

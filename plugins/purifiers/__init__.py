@@ -17,8 +17,8 @@ def register_purifiers(register):
              description="PIL Gaussian blur, radius 5 at 512 px (DiffShortcut gau)")
     register("resize", f"{_M}.classic:Resize", version="1",
              description="bicubic 512 -> 128 -> 512 (suite-defined)")
-    register("diffpure", f"{_M}.diffusion:LatentDiffPure", version="1",
-             description="latent DiffPure on the backend's SD: t = 300, DDPM, CFG 7.5 quality prompt (DiffShortcut ldiffp)")
+    register("diffpure", f"{_M}.diffusion:LatentDiffPure", version="2",
+             description="latent DiffPure on SD-1.4 as DiffShortcut ldiffp (model = \"backend\": the backend's SD): t = 300, DDPM, CFG 7.5 quality prompt")
     register("pixel-diffpure", f"{_M}.diffusion:PixelDiffPure", version="2",
              description="pixel DiffPure, guided-diffusion ImageNet 256 uncond model, t* = 0.1 (GrIDPure diffpure.py)")
     register("gridpure", f"{_M}.diffusion:GrIDPure", version="2",
@@ -31,7 +31,7 @@ def register_purifiers(register):
              description="DiffShortcut's pixel DiffPure (pdiffp): its grid at t = 401/1000, one pass")
     register("sr", f"{_M}.upscale:SuperResolution", version="1",
              description="128 px then the SD x4 upscaler, 75 steps, CFG 9, noise_level 20 (DiffShortcut sr)")
-    register("noisy-upscale", f"{_M}.upscale:NoisyUpscale", version="1",
+    register("noisy-upscale", f"{_M}.upscale:NoisyUpscale", version="2",
              description="Gaussian noise sigma 0.1 then the SD x4 upscaler at noise level 320 (Noisy Upscaling)")
     register("impress", f"{_M}.impress:IMPRESS", version="2",
              description="IMPRESS VAE-consistency purification as released: one image at a time, float16, "

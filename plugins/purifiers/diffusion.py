@@ -1,4 +1,4 @@
-"""Diffusion purification: latent DiffPure on the backend's SD, pixel DiffPure and GrIDPure on
+"""Diffusion purification: latent DiffPure on SD (DiffShortcut's SD-1.4, or the backend's), pixel DiffPure and GrIDPure on
 an unconditional pixel model (guided-diffusion's ImageNet model by default), and DiffShortcut's
 re-implementations of the last two.
 
@@ -54,17 +54,26 @@ def _ancestral(scheduler, start, x_t: torch.Tensor, predict, ctx: Context, track
 # ---------------------------------------------------------------------------------------
 
 
+#: the SD checkpoint DiffShortcut's ``ldiffp``/``eldiffp`` load (``defenses/diffpure_main.py``)
+LDIFFP_MODEL = "CompVis/stable-diffusion-v1-4"
+
+
 class LatentDiffPure(Purifier):
     """``diffpure``: latent DiffPure as DiffShortcut ``ldiffp`` (``defenses/diffpure_main.py``):
     z = 0.18215·E(x).sample(), DDPM-noised to t = 300, ancestral DDPM 300 → 0 with
     classifier-free guidance 7.5 (unconditional "") on "a photo of a person, clear, high
     resolution, high quality, noise-free", decoded. ``prompt = ""`` gives ``eldiffp``.
 
-    Runs on the backend's own SD models (``ctx.models()``; the reference uses SD-1.4),
-    seeded from ``ctx.generator``.
+    ``model``: the SD checkpoint that purifies. The release hard-codes
+    ``CompVis/stable-diffusion-v1-4`` (``diffpure_main.py`` line 37) whatever the victim is, so
+    that is the default; ``model = "backend"`` purifies with the run's own backend
+    (``ctx.models()``), any other value is a hub id or a local diffusers folder loaded through
+    the ``sd`` backend at the input resolution. Seeded from ``ctx.generator``.
     """
 
     class Params(Params):
+        #: DiffShortcut's ldiffp model; "backend" = the run's backend
+        model: str = LDIFFP_MODEL
         t: int = Field(300, ge=0, le=999)
         prompt: str = "a photo of a person, clear, high resolution, high quality, noise-free"
         negative_prompt: str = ""
@@ -77,7 +86,7 @@ class LatentDiffPure(Purifier):
         from diffusers import DDPMScheduler
 
         p = self.params
-        models = ctx.models()
+        models = self.models(ctx, images.shape[-1])
         outs = []
         for start in range(0, len(images), p.batch_size):
             x = images[start:start + p.batch_size]
@@ -102,6 +111,19 @@ class LatentDiffPure(Purifier):
             with torch.set_grad_enabled(tracked > 0 and torch.is_grad_enabled()):
                 outs.append(models.decode(z0))
         return torch.cat(outs).to(images.device, images.dtype)
+
+    def models(self, ctx: Context, side: int):
+        """The purifying SD models: the backend's, or ``model`` loaded as an ``sd`` backend (a
+        fresh bundle per call, as ``ctx.models()`` is)."""
+        model = self.params.model
+        if model == "backend":
+            used = ctx.backend.describe() if ctx.backend is not None else "backend"
+            models = ctx.models()
+        else:
+            backend = ctx.create("backends", "sd", {"model": model, "resolution": side})
+            used, models = model, backend.load(ctx.device, ctx.dtype)
+        ctx.info[self.name or type(self).__name__] = {"model": used}
+        return models
 
     def purify(self, images: torch.Tensor, ctx: Context) -> torch.Tensor:
         with torch.no_grad():

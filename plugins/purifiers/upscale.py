@@ -76,9 +76,10 @@ def upscale(pipe, low: torch.Tensor, ctx: Context, prompt: str, negative_prompt:
         if cfg:
             emb = torch.cat([encode_text(pipe, [negative_prompt] * n), emb])
     image = low.to(device, dtype) * 2 - 1
-    noise = randn(image.shape, ctx, dtype)  # drawn even when unused: same stream as the pipeline
-    if added > 0:
-        image = pipe.low_res_scheduler.add_noise(image, noise, torch.tensor([added], device=device))
+    noise = randn(image.shape, ctx, dtype)
+    # always, as the pipeline (and the noise_level_sub fork) do: at level 0 the low-res scheduler
+    # still adds noise of std sqrt(1 - alphas_cumprod[0])
+    image = pipe.low_res_scheduler.add_noise(image, noise, torch.tensor([added], device=device))
     scheduler = copy.deepcopy(pipe.scheduler)  # schedulers keep state; never share the pipeline's
     scheduler.set_timesteps(steps, device=device)
     latents = randn((n, pipe.vae.config.latent_channels, *image.shape[-2:]), ctx, dtype) * scheduler.init_noise_sigma
