@@ -7,6 +7,8 @@ Views (numbers and statuses only; nothing here is a display string until ``rende
   suite's purifiers/defenses/personalizers (direction-aware), naming the arg-worst;
 - ``purifiers``: each (purifier, defense) by its worst case over the suite's attacks;
 - ``contrasts``: the suite's paired contrasts (a − b over identities, 95% t-interval).
+- ``curves`` and ``transfer`` (``benchbase.variants``): budget curves of swept entries and the
+  transfer matrix of attacks with their own surrogate, when the suite has them.
 
 ``render`` turns a view into a ``Table``: per column the display text, the number it shows,
 its status and the reason behind a status. Markdown and CSV take the text; the HTML report
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchbase import published
+from benchbase import published, variants
 from benchbase.errors import DataError
 from benchbase.records import RunInfo, read_records_and_rows, read_run_info
 from benchbase.store import atomic_write_text
@@ -311,6 +313,7 @@ def _views(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
         from benchbase.suite import contrasts_of
 
         views["contrasts"] = contrasts_view(df, contrasts_of(info.suite_data))
+    views.update(variants.views(df, table))  # budget curves, transfer matrix: when the suite has them
     return views
 
 
@@ -483,6 +486,7 @@ def render(views: dict[str, pd.DataFrame]) -> dict[str, Table]:
     published.add_columns(out["cells"], views.get("_reported"))  # "<metric> reported" beside the measured mean
     out["attacks"] = render_attacks(views["attacks"], directions)
     out["purifiers"] = render_purifiers(views["purifiers"], directions)
+    out.update(variants.render(views, directions))
     return out
 
 
@@ -547,6 +551,9 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
         parts.append(f"\n## {table.title}\n\n" + markdown(frame) + "\n")
         frame.to_csv(out_dir / f"{name}.csv", index=False)
     views["cells"].to_csv(out_dir / "cells_numeric.csv", index=False)
+    for name in variants.VIEWS:  # what a plot of them needs: the numbers, not the text
+        if name in views:
+            views[name].to_csv(out_dir / f"{name}_numeric.csv", index=False)
     parts.append(_diagnostics_markdown(run_dir, df, info))
     unavailable = df[df["status"] == "unavailable"].drop_duplicates("metric")
     if len(unavailable):
