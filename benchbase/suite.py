@@ -13,6 +13,8 @@ and the component's parameters::
     backend = { name = "tiny", resolution = 64 }
     dataset = { name = "sample" }
     attacks = ["none", { name = "noise", eps = 8 }]
+    # an attack's own model (transfer; label "advdm@tiny(seed=1)") and a sweep (labels "noise[eps=4]", ...)
+    # attacks = [{ name = "advdm", surrogate = { name = "tiny", seed = 1 } }, { name = "noise", sweep = { eps = [4, 8] } }]
     purifiers = ["none", "jpeg", ["jpeg", { name = "jpeg", quality = 50 }]]
     defenses = ["none"]
     personalizers = [{ name = "dreambooth", max_train_steps = 20 }]
