@@ -46,7 +46,6 @@ import hashlib
 import json
 import re
 import sys
-from copy import deepcopy
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -250,7 +249,7 @@ def _expand(specs: list[Spec], family: str) -> list[Spec]:
         for v in values:
             out.append(Spec(spec.family, spec.name, {**spec.params, param: v},
                             f"{spec.label}[{param}={_value_text(v)}]", spec.adaptive, spec.where, base=spec.base,
-                            sweep=(param, v), surrogate=deepcopy(spec.surrogate)))
+                            sweep=(param, v), surrogate=spec.surrogate))  # one model, built and hashed once
     for spec in out:
         if spec.surrogate is not None:
             spec.surrogate.family, spec.surrogate.where = "backends", f"{spec.where}.surrogate"

@@ -68,6 +68,7 @@ def test_a_surrogate_labels_its_attack_and_is_not_a_parameter_of_it():
     assert all("surrogate" not in a.params for a in suite.attacks)
     assert [s.where for s in suite.surrogates()] == ["attacks[1].surrogate", "attacks[2].surrogate",
                                                      "attacks[2].surrogate"]
+    assert suite.surrogates()[1] is suite.surrogates()[2]  # a swept entry's model: one component
     assert suite.surrogates()[0] in suite.specs()  # built (validated) with the other components
 
 
