@@ -36,6 +36,7 @@ def main():
     benchbase run SUITE.toml       run a suite file (or a built-in suite by name)
     benchbase leaderboard RUN_DIR  write markdown + CSV tables
     benchbase verify RUN_DIR       re-hash the stored files; mark damaged stages for recomputation
+    benchbase transfer RUN_DIR...  transfer matrix of runs, one per victim model (--out DIR)
     benchbase report RUN_DIR       write an HTML report (tables, image grids, plots)
     benchbase ls attacks           list component names of a family (`ls models`: models by role)
 
@@ -305,6 +306,20 @@ def leaderboard_cmd(run_dir: Path, out: Path | None, quiet: bool):
     from benchbase import leaderboard
 
     md, text = leaderboard.write(run_dir, out)
+    if not quiet:
+        click.echo(text)
+    click.echo(f"written: {md}")
+
+
+@main.command("transfer")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output folder of the matrix.")
+@click.option("--quiet", is_flag=True, help="Do not print the markdown.")
+def transfer_cmd(run_dirs: tuple[Path, ...], out: Path, quiet: bool):
+    """Transfer matrix of several runs, one per victim backend (protected on A, fine-tuned on B)."""
+    from benchbase import variants
+
+    md, text = variants.write_transfer(list(run_dirs), out)
     if not quiet:
         click.echo(text)
     click.echo(f"written: {md}")

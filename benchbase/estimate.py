@@ -287,6 +287,12 @@ def plan_stages(suite: Suite, pm=None, identities: int | None = None, store: Pat
     builder = StageBuilder(suite, component, backend, backend_fp, prompts, parse_device(suite.device),
                            resolve_dtype(suite.dtype), progress=None, shared=None, workdir=None, read=None,
                            plugins=pm)
+    for attack in suite.attacks:  # a surrogate whose weights are not here is priced under its label
+        if attack.surrogate is not None:
+            try:
+                builder.attack_backend(attack)
+            except (BenchbaseError, OSError):
+                builder.__dict__.setdefault("surrogate_fps", {})[id(attack.surrogate)] = f"estimate-{attack.surrogate.label}"
     done = Store(store).done if store is not None else None
     is_done = (lambda node: done(node.stage, node.key)) if done else (lambda node: False)
     plan = Plan()

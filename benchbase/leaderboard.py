@@ -9,6 +9,8 @@ Views (numbers and statuses only; nothing here is a display string until ``rende
 - ``contrasts``: the suite's paired contrasts (a − b over identities, 95% t-interval, the paired
   t-test's p-value, two- or one-sided as the suite states, Holm-adjusted within a family, and
   the verdict the adjusted p-value gives).
+- ``curves`` and ``transfer`` (``benchbase.variants``): budget curves of swept entries and the
+  transfer matrix of attacks with their own surrogate, when the suite has them.
 
 ``render`` turns a view into a ``Table``: per column the display text, the number it shows,
 its status and the reason behind a status. Markdown and CSV take the text; the HTML report
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchbase import published
+from benchbase import published, variants
 from benchbase.errors import DataError
 from benchbase.records import RunInfo, read_records_and_rows, read_run_info
 from benchbase.store import atomic_write_text
@@ -384,6 +386,7 @@ def _views(df: pd.DataFrame, info: RunInfo) -> dict[str, pd.DataFrame]:
         from benchbase.suite import contrasts_of
 
         views["contrasts"] = contrasts_view(df, contrasts_of(info.suite_data))
+    views.update(variants.views(df, table))  # budget curves, transfer matrix: when the suite has them
     return views
 
 
@@ -566,6 +569,7 @@ def render(views: dict[str, pd.DataFrame]) -> dict[str, Table]:
     published.add_columns(out["cells"], views.get("_reported"))  # "<metric> reported" beside the measured mean
     out["attacks"] = render_attacks(views["attacks"], directions)
     out["purifiers"] = render_purifiers(views["purifiers"], directions)
+    out.update(variants.render(views, directions))
     return out
 
 
@@ -660,6 +664,9 @@ def write(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, str]:
     # every record's value, so anyone can recompute a mean, an interval or a contrast (values at
     # full precision: pandas writes the shortest text that reads back to the same float)
     df.reindex(columns=PER_IDENTITY).to_csv(out_dir / "per_identity.csv", index=False)
+    for name in variants.VIEWS:  # what a plot of them needs: the numbers, not the text
+        if name in views:
+            views[name].to_csv(out_dir / f"{name}_numeric.csv", index=False)
     parts.append(_diagnostics_markdown(run_dir, df, info))
     parts.append(status_markdown(df))
     text = "".join(parts)

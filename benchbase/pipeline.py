@@ -58,7 +58,7 @@ from benchbase.records import (
 )
 from benchbase.stages import StageBuilder, derive_seed, image_names, load_generated  # noqa: F401  (public helpers)
 from benchbase.store import Store, atomic_write_text, disk_error, is_disk_error, run_lock, writable_folder
-from benchbase.suite import Spec, Suite, build_components
+from benchbase.suite import Spec, Suite, backend_label, build_components
 
 PACKAGES = ("benchbase", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyiqa",
             "facenet-pytorch", "dlib-bin", "numpy", "pillow")
@@ -152,7 +152,41 @@ class Runner:
         self.stages = StageBuilder(suite, self.component, self.backend, self.backend_fp, self.prompts(),
                                    self.device, self.dtype, self._progress_bar, self.store.shared_stage,
                                    self.store.root / "work", self._read, plugins=self.pm)
+        self._check_surrogates()
         self._reset()
+
+    def _check_surrogates(self) -> None:
+        """An attack's ``surrogate`` works at the run's resolution (the images are loaded at the
+        victim's), and its weights are hashed now: a missing model is one line before anything runs."""
+        self.victim_label = model_label(self.suite.backend, self.backend, (self.suite.raw.get("backend") or {}))
+        self.surrogate_labels: dict[int, str] = {}
+        for attack in self.suite.attacks:
+            spec = attack.surrogate
+            if spec is None or id(spec) in self.surrogate_labels:
+                continue
+            backend = self.component(spec)
+            if backend.resolution != self.backend.resolution:
+                raise ConfigError(f"{self.suite.source}: {spec.where}: surrogate {spec.label!r} works at "
+                                  f"{backend.resolution} px, the suite's backend at {self.backend.resolution} px: "
+                                  "a protection is made at the resolution the victim fine-tunes at")
+            self.stages.attack_backend(attack)
+            explicit = spec.label != backend_label(spec.name, spec.params)  # the table gave a `label`
+            self.surrogate_labels[id(spec)] = model_label(spec, backend, {"label": spec.label} if explicit else {})
+
+    def _variant(self, cell: Cell) -> dict:
+        """The record fields of a cell's transfer (surrogate, victim) and sweeps (see ``Record``)."""
+        attack = cell.attack
+        surrogate = self.surrogate_labels[id(attack.surrogate)] if attack.surrogate is not None else self.victim_label
+        swept = attack.label[:-len(f"@{attack.surrogate.label}")] if attack.surrogate is not None else attack.label
+        sweep = {}
+        if attack.sweep is not None:
+            curve = attack.base + (f"@{attack.surrogate.label}" if attack.surrogate is not None else "")
+            sweep["attack"] = {"param": attack.sweep[0], "value": attack.sweep[1], "curve": curve}
+        for spec in cell.purifiers:
+            if spec.sweep is not None:
+                curve = "+".join(s.base if s is spec else s.label for s in cell.purifiers)
+                sweep["purifier"] = {"param": spec.sweep[0], "value": spec.sweep[1], "curve": curve}
+        return {"surrogate": surrogate, "victim": self.victim_label, "attack_base": swept, "sweep": sweep}
 
     def _reset(self) -> None:
         self._plan: Plan | None = None
@@ -398,7 +432,7 @@ class Runner:
         return Record(suite=self.suite.name, suite_hash=self.suite.hash, **cell.labels(),
                       attack_name=cell.attack.name, adaptive=cell.attack.adaptive, metric=spec.label,
                       metric_name=spec.name, direction=metric.direction, status=status.value,
-                      backend=self.backend_fp, device=self.device_label, **fields).to_json()
+                      backend=self.backend_fp, device=self.device_label, **self._variant(cell), **fields).to_json()
 
     def cell_records(self, cp: CellPlan) -> list[dict]:
         """The records of a cell whose stages are done: from the store, or the failures its
@@ -437,10 +471,7 @@ class Runner:
     # -- run.json, results.jsonl -------------------------------------------------------------
     def plugin_versions(self) -> dict:
         out: dict[str, dict] = {}
-        specs = [self.suite.backend, self.suite.dataset, *self.suite.attacks,
-                 *(s for c in self.suite.purifiers for s in c), *self.suite.defenses,
-                 *self.suite.personalizers, *self.suite.metrics]
-        for spec in specs:
+        for spec in self.suite.specs():  # surrogate backends included
             entry = self.pm.get(spec.family, spec.name)
             plugin = self.pm.plugins.get(entry.plugin)
             out.setdefault(spec.family, {})[spec.name] = {
@@ -560,6 +591,20 @@ class Runner:
                     # the error (or Ctrl-C) that stopped the run is the one to report
 
         return summary
+
+
+def model_label(spec: Spec, component: Any, table: dict) -> str:
+    """A backend as transfer matrices name it: the ``label`` its table gives, else its name and the
+    parameters that differ from their defaults (``mini`` for v2, ``mini(version=v3)``), so the
+    same model written two ways gets one label."""
+    if isinstance(table, dict) and isinstance(table.get("label"), str) and table["label"]:
+        return table["label"]
+    fields = type(component.params).model_fields
+    config = component.config()
+    changed = {k: v for k, v in config.items()
+               if k not in fields or fields[k].is_required() or json.dumps(fields[k].get_default(
+                   call_default_factory=True), default=str) != json.dumps(v, default=str)}
+    return backend_label(spec.name, changed)
 
 
 _SESSIONS: dict[tuple, Runner] = {}  # one session per (suite, run, store, device) per worker process

@@ -134,7 +134,9 @@ def _cell_keys(suite) -> dict[str, dict[str, Any]]:
     for s in suite.attacks:
         extra = set(s.params) - {"eps"}
         eps = 0.0 if s.name == "none" else s.params["eps"] if "eps" in s.params else _default_eps(s.name)
-        keys["attack"][s.label] = None if extra or s.adaptive or eps is None else (s.name, float(eps))
+        # a protection made on another model than the victim's (transfer) is not the papers' white-box cell
+        variant = extra or s.adaptive or eps is None or s.surrogate is not None
+        keys["attack"][s.label] = None if variant else (s.name, float(eps))
     for chain in suite.purifiers:
         plain = all(not s.params and not s.adaptive for s in chain)
         keys["purifier"][suite.purifier_label(chain)] = "+".join(s.name for s in chain) if plain else None

@@ -133,11 +133,21 @@ class Record:
     details: dict = field(default_factory=dict)
     key: str | None = None  # the score stage's key (None when the identity could not be loaded)
     stages: dict = field(default_factory=dict)  # {stage: key} for CELL_STAGES
+    #: transfer: the model the protection was optimised against (the attack's ``surrogate``, else
+    #: the suite's backend) and the model the victim fine-tunes (the suite's backend), as labels
+    #: (``mini``, ``mini(version=v3)``: the name and the parameters that differ from their defaults)
+    surrogate: str = ""
+    victim: str = ""
+    attack_base: str = ""  # the attack's label without its ``@surrogate`` suffix (a transfer matrix's row)
+    #: swept entries of the cell: {"attack"|"purifier": {"param", "value", "curve"}}; ``curve``: the
+    #: label without the ``[param=value]`` suffix (one line of a budget curve)
+    sweep: dict = field(default_factory=dict)
 
     CELL = ("identity", "seed", "attack", "purifier", "defense", "personalizer")
     #: the order of a record's fields in results.jsonl
     ORDER = ("suite", "suite_hash", *CELL, "attack_name", "adaptive", "metric", "metric_name", "direction",
-             "status", "value", "per_prompt", "count", "error", "backend", "device", "details", "key", "stages")
+             "status", "value", "per_prompt", "count", "error", "backend", "device", "details", "key", "stages",
+             "surrogate", "victim", "attack_base", "sweep")
 
     @property
     def cell(self) -> tuple:
@@ -153,6 +163,7 @@ class Record:
         rec.details = rec.details if isinstance(rec.details, dict) else {}
         rec.per_prompt = rec.per_prompt if isinstance(rec.per_prompt, dict) else {}
         rec.stages = rec.stages if isinstance(rec.stages, dict) else {}
+        rec.sweep = rec.sweep if isinstance(rec.sweep, dict) else {}
         return rec
 
 
@@ -180,7 +191,7 @@ def _row(data: dict) -> dict | None:
     row = {}
     for k in Record.ORDER:
         v = data[k] if k in data else (_DEFAULTS[k] if k in _DEFAULTS else _FACTORIES[k]())
-        if k in ("per_prompt", "details", "stages") and not isinstance(v, dict):
+        if k in ("per_prompt", "details", "stages", "sweep") and not isinstance(v, dict):
             v = {}
         row[k] = v
     return row

@@ -94,13 +94,15 @@ class StageBuilder:
             node = memo["nodes"][stage] = build(ident, cell)
         return node
 
-    def context(self, seed: int, identity: Identity | None, *stage: Any, threat: Threat | None = None) -> Context:
+    def context(self, seed: int, identity: Identity | None, *stage: Any, threat: Threat | None = None,
+                backend: Any = None) -> Context:
         """The context of one stage: ``stage`` is the stage and the names that make its stream
-        (``benchbase.seeds``: the stage seed includes the identity, never the upstream choices)."""
+        (``benchbase.seeds``: the stage seed includes the identity, never the upstream choices);
+        ``backend``: the protect stage's surrogate when the attack names one (transfer)."""
         stream = stage_seed(seed, identity.fingerprint if identity else None, *stage)
         return Context(
             device=self.device, dtype=self.dtype, seed=seed, generator=generator(stream), stream=stream,
-            backend=self.backend, identity=identity.data if identity else None, prompts=deepcopy(self.prompts),
+            backend=backend or self.backend, identity=identity.data if identity else None, prompts=deepcopy(self.prompts),
             shared=SharedStages(self.shared), threat=threat, workdir=self.workdir,
             progress=partial(self.progress), plugins=self.plugins,
         )
@@ -130,10 +132,24 @@ class StageBuilder:
     def protect(self, ident: Identity, cell: Cell) -> Node:
         return self._memo("protect", ident, cell, self._protect)
 
+    def attack_backend(self, spec: Spec) -> tuple[Any, str]:
+        """The backend an attack optimises against and its fingerprint: its own ``surrogate``
+        (transfer: the protector does not know the victim's model), else the suite's."""
+        if spec.surrogate is None:
+            return self.backend, self.backend_fp
+        backend = self.component(spec.surrogate)
+        fps = self.__dict__.setdefault("surrogate_fps", {})  # hash each surrogate's weights once
+        if id(spec.surrogate) not in fps:
+            fps[id(spec.surrogate)] = backend.fingerprint()
+        return backend, fps[id(spec.surrogate)]
+
     def _protect(self, ident: Identity, cell: Cell) -> Node:
         attack = self.component(cell.attack)
+        backend, backend_fp = self.attack_backend(cell.attack)
+        # the same parts with or without `surrogate`: a protection made on A is one stage whichever
+        # suite (victim) asks for it, and several victims' runs sharing a store compute it once
         parts = {"attack": component_id(attack), "identity": ident.fingerprint,
-                 "backend": self.backend_fp, "resolution": self.backend.resolution,
+                 "backend": backend_fp, "resolution": self.backend.resolution,
                  "seed": cell.seed, "seeds": SCHEME, "prompts": vars(self.prompts)}
         threat = self._threat(cell)
         if threat is not None:  # an adaptive protection depends on the threat it optimises against
@@ -141,8 +157,10 @@ class StageBuilder:
                                "defense": component_id(threat.defense)}
 
         def compute(folder: Path) -> dict:
-            # the attack's name, not its label: the key hashes names (a stored stage drew this stream)
-            ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.name, threat=threat)
+            # the attack's name, not its label: the key hashes names (a stored stage drew this
+            # stream), and a swept value or a surrogate variant of it draws the same stream as the
+            # plain entry (common random numbers along a budget curve and across surrogates)
+            ctx = self.context(cell.seed, ident, Stage.PROTECT, cell.attack.name, threat=threat, backend=backend)
             clean = ident.data.set_B
             adv = attack.protect(clean.to(self.device), ctx)
             what, eps = f"attack {cell.attack.label!r}", attack.eps

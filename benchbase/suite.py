@@ -13,6 +13,8 @@ and the component's parameters::
     backend = { name = "tiny", resolution = 64 }
     dataset = { name = "sample" }
     attacks = ["none", { name = "noise", eps = 8 }]
+    # an attack's own model (transfer; label "advdm@tiny(seed=1)") and a sweep (labels "noise[eps=4]", ...)
+    # attacks = [{ name = "advdm", surrogate = { name = "tiny", seed = 1 } }, { name = "noise", sweep = { eps = [4, 8] } }]
     purifiers = ["none", "jpeg", ["jpeg", { name = "jpeg", quality = 50 }]]
     defenses = ["none"]
     personalizers = [{ name = "dreambooth", max_train_steps = 20 }]
@@ -69,7 +71,9 @@ TOP_KEYS = {"name", "description", "seeds", "seed", "device", "dtype", "backend"
 # how a grid is executed does not change its results: left out of the suite hash
 NOT_HASHED = {"executor"}
 PROMPT_KEYS = {"instance", "class", "eval", "negative"}
-RESERVED = {"name", "label", "adaptive"}
+RESERVED = {"name", "label", "adaptive", "sweep", "surrogate"}
+#: families whose entries may sweep a parameter (``sweep = { eps = [2, 4, 8] }``)
+SWEEP_FAMILIES = ("attacks", "purifiers")
 # the names benchbase.models.sd.DTYPES resolves (not imported: reading a suite needs no torch)
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -84,6 +88,15 @@ class Spec:
     label: str = ""
     adaptive: bool = False
     where: str = ""  # its place in the suite file, e.g. "attacks[1]", for error messages
+    #: the label before a sweep value and a surrogate suffix ("aspl" of "aspl[eps=4]@mini(version=v3)"):
+    #: the protect stage's random stream follows it, so a swept value draws what a plain entry would
+    base: str = ""
+    #: (parameter, value) of a swept entry; ``sweep_raw`` holds the suite's ``sweep`` table until expansion
+    sweep: tuple[str, Any] | None = None
+    sweep_raw: Any = None
+    #: an attack's own surrogate backend (``surrogate = { name = "mini", version = "v3" }``); None:
+    #: the suite's backend, i.e. the victim's
+    surrogate: "Spec | None" = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "params": self.params, "adaptive": self.adaptive}
@@ -140,8 +153,12 @@ class Suite:
 
     def specs(self) -> list[Spec]:
         """Every component entry (backend, dataset, then the lists in file order; chains flattened)."""
-        return [self.backend, self.dataset, *self.attacks, *(s for c in self.purifiers for s in c),
-                *self.defenses, *self.personalizers, *self.metrics]
+        return [self.backend, self.dataset, *self.attacks, *self.surrogates(),
+                *(s for c in self.purifiers for s in c), *self.defenses, *self.personalizers, *self.metrics]
+
+    def surrogates(self) -> list[Spec]:
+        """The attacks' own surrogate backends (``surrogate`` entries), in file order."""
+        return [a.surrogate for a in self.attacks if a.surrogate is not None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,8 +186,98 @@ def _entry(value: Any) -> Spec:
         label = value.get("label", "")
         if not isinstance(label, str):
             raise ValueError("`label` must be a string")
-        return Spec("", value["name"], params, label, adaptive)
+        spec = Spec("", value["name"], params, label, adaptive)
+        if "sweep" in value:
+            spec.sweep_raw = _sweep_table(value["sweep"], params)
+        if "surrogate" in value:
+            spec.surrogate = _surrogate(value["surrogate"])
+        return spec
     raise ValueError("expected a component name or a table like { name = \"...\" }")
+
+
+def _sweep_table(value: Any, params: dict) -> tuple[str, list]:
+    """``sweep = { eps = [2, 4, 8] }``: one parameter, a non-empty list of distinct scalars (a
+    list-valued parameter is never expanded unless the entry says ``sweep``)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ValueError("`sweep` must be a table of one parameter and its values, e.g. sweep = { eps = [2, 4, 8] }")
+    ((param, values),) = value.items()
+    if param in params:
+        raise ValueError(f"`{param}` is both a parameter and swept: give it in `sweep` only")
+    if (not isinstance(values, list) or not values
+            or not all(isinstance(v, (int, float, str, bool)) for v in values)):
+        raise ValueError(f"sweep {param}: a non-empty list of numbers or strings (got {values!r})")
+    if len({json.dumps(v) for v in values}) != len(values):
+        raise ValueError(f"sweep {param}: a value appears twice in {values!r}")
+    return param, values
+
+
+def _surrogate(value: Any) -> Spec:
+    """An attack's ``surrogate``: a backend, as the suite's ``backend`` is written."""
+    if isinstance(value, (str, dict)) and not (isinstance(value, dict) and {"sweep", "surrogate"} & set(value)):
+        try:
+            spec = _entry(value)
+        except ValueError as exc:
+            raise ValueError(f"surrogate: {exc}") from None
+        spec.label = spec.label or backend_label(spec.name, spec.params)
+        return spec
+    raise ValueError("`surrogate` must be a backend table like { name = \"mini\", version = \"v3\" }")
+
+
+def backend_label(name: str, params: dict) -> str:
+    """``mini(version=v3)``: a backend named by its name and the parameters given (the default when
+    none); a ``label`` in its table replaces it."""
+    if not params:
+        return name
+    return f"{name}(" + ",".join(f"{k}={_value_text(v)}" for k, v in sorted(params.items())) + ")"
+
+
+def _value_text(value: Any) -> str:
+    """A swept or backend parameter value as a label shows it (``4``, ``6.375``, ``true``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _expand(specs: list[Spec], family: str) -> list[Spec]:
+    """Swept entries -> one entry per value (label ``aspl[eps=4]``), then each attack with a
+    ``surrogate`` gets the suffix ``@<surrogate label>``; ``base`` keeps the label before both."""
+    out = []
+    for spec in specs:
+        spec.base = spec.base or spec.label
+        if spec.sweep_raw is None:
+            out.append(spec)
+            continue
+        param, values = spec.sweep_raw
+        for v in values:
+            out.append(Spec(spec.family, spec.name, {**spec.params, param: v},
+                            f"{spec.label}[{param}={_value_text(v)}]", spec.adaptive, spec.where, base=spec.base,
+                            sweep=(param, v), surrogate=spec.surrogate))  # one model, built and hashed once
+    for spec in out:
+        if spec.surrogate is not None:
+            spec.surrogate.family, spec.surrogate.where = "backends", f"{spec.where}.surrogate"
+            spec.label = f"{spec.label}@{spec.surrogate.label}"
+    return out
+
+
+def _expand_chains(chains: list[list[Spec]]) -> tuple[list[list[Spec]], list[str]]:
+    """A chain with a swept purifier -> one chain per value (at most one item of a chain sweeps)."""
+    out, problems = [], []
+    for chain in chains:
+        problems += [f"{s.where}: `surrogate` is for attacks only" for s in chain if s.surrogate is not None]
+        swept = [i for i, s in enumerate(chain) if s.sweep_raw is not None]
+        if len(swept) > 1:
+            problems.append(f"{chain[swept[1]].where}: one purifier of a chain may sweep, not several")
+        if not swept:
+            out.append(chain)
+            continue
+        i = swept[0]
+        out += [[*chain[:i], item, *chain[i + 1:]] for item in _expand([chain[i]], "purifiers")]
+    for chain in out:
+        for s in chain:
+            s.base = s.base or s.label
+    return out, problems
 
 
 def _chain(value: Any) -> list[Spec]:
@@ -355,12 +462,19 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
                 for j, spec in enumerate(chain):
                     spec.family, spec.where = family, f"purifiers[{i}]" + (f"[{j}]" if len(chain) > 1 else "")
             _auto_labels([s for chain in entries for s in chain])
+            entries, why = _expand_chains(entries)
+            problems += why
             labels = ["+".join(s.label for s in c) for c in entries]
         else:
             entries = [e if isinstance(e, Spec) else _entry(e) for e in entries]
             for i, spec in enumerate(entries):
                 spec.family, spec.where = family, f"{family}[{i}]"
             _auto_labels(entries)
+            problems += [f"{s.where}: `sweep` is for attacks and purifiers only" for s in entries
+                         if s.sweep_raw is not None and family not in SWEEP_FAMILIES]
+            problems += [f"{s.where}: `surrogate` is for attacks only" for s in entries
+                         if s.surrogate is not None and family != "attacks"]
+            entries = _expand(entries, family) if family in SWEEP_FAMILIES else entries
             labels = [s.label for s in entries]
         problems += [f"{family} entry {label!r} appears twice; give one a distinct `label`"
                      for label in sorted({x for x in labels if labels.count(x) > 1})]
@@ -371,6 +485,8 @@ def parse_suite(data: dict, source: str = "<memory>") -> Suite:
     executor = parsed.executor
     if executor is not None:
         executor.family, executor.where = "executors", "executor"
+    problems += [f"{s.where}: `sweep` and `surrogate` belong to attack (and purifier) entries"
+                 for s in (backend, dataset, executor) if s is not None and (s.sweep_raw or s.surrogate)]
 
     known = _labels(lists)
     cell_filter = None

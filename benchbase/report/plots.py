@@ -205,6 +205,70 @@ def declared_figures(run: RunData, out_dir: Path) -> list[tuple[FigureSpec, Path
     return out
 
 
+# -- budget curves -------------------------------------------------------------------------
+
+
+def plot_curves(lines: list[dict], family: str, param: str, directions: dict, path: Path,
+                visibility: set[str] = frozenset()) -> Path | None:
+    """One panel per metric: each curve's mean over identities against the swept value, with its
+    95% interval as error bars (``curve-<panel>-<line>``); ``noise`` dashed, the baseline at the
+    same budgets; a metric in ``visibility`` (PSNR of the protected images) titled as the cost."""
+    metrics = list(dict.fromkeys(m for line in lines for m, pts in line["points"].items() if pts))
+    if not metrics:
+        return None
+    fig, axes = _panels(len(metrics), width=4.2, height=3.0)
+    values = [v for line in lines for pts in line["points"].values() for v, _, _ in pts]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ticks = list(dict.fromkeys(values)) if not numeric else None
+    for i, (ax, metric) in enumerate(zip(axes, metrics)):
+        for j, line in enumerate(lines):
+            pts = line["points"].get(metric) or []
+            if not pts:
+                continue
+            xs = [v if numeric else ticks.index(v) for v, _, _ in pts]
+            ys = [m for _, m, _ in pts]
+            err = [0.0 if math.isnan(c) else c for _, _, c in pts]
+            noise = line.get("name") == "noise"
+            bars = ax.errorbar(xs, ys, yerr=err, marker="o", ms=3.5, capsize=3, lw=1.4,
+                               ls="--" if noise else "-", color="tab:gray" if noise else None, label=line["label"])
+            bars.lines[0].set_gid(f"curve-{i}-{j}")
+        arrow = leaderboard.ARROW.get(directions.get(metric), "")
+        title = f"{metric} {arrow}".strip()
+        ax.set_title(_wrap(title + (" (visibility cost)" if metric in visibility else ""), 44))
+        ax.set_xlabel(f"{family} {param}")
+        if ticks is not None:
+            ax.set_xticks(range(len(ticks)))
+            ax.set_xticklabels([str(t) for t in ticks])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves_section(run: RunData, out_dir: Path, img) -> list[str]:
+    """The budget curves of the run's swept entries (``benchbase.variants``), when it has some."""
+    from benchbase import variants
+
+    views = leaderboard.views_of(run.df, run.info)
+    view = views.get("curves")
+    if view is None or not len(view):
+        return []
+    directions = views["_directions"].iloc[0].to_dict() if len(views["_directions"]) else {}
+    ok = run.df[run.df["status"] == "ok"]
+    visibility = {m for m, g in ok.groupby("metric") if (g["metric_name"] == "psnr").all()
+                  and all(isinstance(d, dict) and d.get("of", "protected") == "protected" for d in g["details"])}
+    parts = ["<h3>Budget curves</h3>",
+             "<p>Each metric against the swept parameter: mean over identities, error bars the 95% interval "
+             "(the <em>curves</em> table). Dashed grey: <code>noise</code> at the same values; a PSNR of the "
+             "protected images is the visibility cost of each budget.</p>"]
+    for k, ((family, param), lines) in enumerate(variants.curve_lines(view).items()):
+        path = plot_curves(lines, family, str(param), directions, out_dir / f"curves-{k}-{_safe(str(param))}.svg",
+                           visibility)
+        if path:
+            parts.append(img(path, f"{family} {param}: metrics against the swept value"))
+    return parts
+
+
 # -- cost ----------------------------------------------------------------------------------
 
 
@@ -287,6 +351,7 @@ def plots_section(run: RunData, out_dir: Path) -> str:
     parts.append("<h3>Metric distributions per attack and purifier</h3>")
     dists = plot_distributions(run.df, plots)
     parts += [img(p, f"distribution of {name}") for name, p in dists] or ["<p>No metric has a value.</p>"]
+    parts += curves_section(run, plots, img)
     for spec, path in declared_figures(run, plots):
         parts.append(f"<h3>{esc(spec.title)}</h3>")
         parts.append(img(path, spec.title) if path else "<p>This run recorded no values for this figure.</p>")
