@@ -144,6 +144,11 @@ def vae_fragility(vae, images: torch.Tensor, eps_levels: float = FRAGILITY_EPS, 
 
 
 class Trainer:
+    stages = STAGES  # a world version's stages, in order (the model card is written when all are done)
+
+    def write_card(self) -> None:
+        write_model_card(self.out, self.info)
+
     def __init__(self, out: Path, work: Path, cfg: dict):
         self.out, self.work, self.cfg = out, work, cfg
         self.work.mkdir(parents=True, exist_ok=True)
@@ -617,8 +622,8 @@ class Trainer:
         self.info["total_seconds"] = round(self.info.get("seconds", {}).get("data", 0) + sum(loops.values()), 1)
         self.info["torch"] = torch.__version__
         self.save_info()
-        if all(self.done(s) for s in STAGES):
-            write_model_card(self.out, self.info)
+        if all(self.done(s) for s in self.stages):
+            self.write_card()
 
 
 def write_model_card(out: Path, info: dict) -> None:

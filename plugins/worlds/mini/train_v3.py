@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -66,6 +65,11 @@ V3_FILES = ("vae", "text_encoder", "unet", "upscaler", "upscaler_text_encoder", 
 
 
 class TrainerV3(Trainer):
+    stages = V3_STAGES
+
+    def write_card(self) -> None:
+        write_model_card_v3(self.out, self.info)
+
     def __init__(self, out: Path, work: Path, cfg: dict, v2: Path):
         super().__init__(out, work, cfg)
         self.v2 = v2
@@ -419,24 +423,6 @@ class TrainerV3(Trainer):
         views = O.pixel_training_views(self.to_float(d["heldout_images"][:64]), torch.Generator().manual_seed(1))
         self.info["eval"].update(pixel_checks(ema, sched, views))
         M.save_weights(self.out / "pixel.safetensors", ema.state_dict())
-
-    # ------------------------------------------------------------------ driver
-    def run(self, stages: list[str]) -> None:
-        for stage in stages:
-            if self.done(stage):
-                log(f"[{stage}] done already")
-                continue
-            t0 = time.time()
-            log(f"[{stage}] starting")
-            getattr(self, f"stage_{stage}")()
-            self.mark(stage, time.time() - t0)
-            log(f"[{stage}] finished in {time.time() - t0:.0f} s")
-        loops = self.info.get("loop_seconds", {})
-        self.info["total_seconds"] = round(self.info.get("seconds", {}).get("data", 0) + sum(loops.values()), 1)
-        self.info["torch"] = torch.__version__
-        self.save_info()
-        if all(self.done(s) for s in V3_STAGES):
-            write_model_card_v3(self.out, self.info)
 
 
 def write_model_card_v3(out: Path, info: dict) -> None:
