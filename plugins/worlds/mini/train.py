@@ -222,7 +222,10 @@ class Trainer:
         if self._data is None:
             path = self.work / "data.npz"
             if not path.is_file():
-                raise RuntimeError("the data stage has not run")
+                # a resumed run on a new machine: the weights folder says "data" is done but the
+                # work folder is gone; rendering is seeded, so render the same data again
+                log("[data] the work folder has no data.npz: rendering it again (seeded, identical)")
+                self.stage_data()
             z = np.load(path, allow_pickle=False)
             self._data = {k: z[k] for k in z.files}
         return self._data

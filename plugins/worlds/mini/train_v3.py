@@ -173,6 +173,8 @@ class TrainerV3(Trainer):
 
     def noisy(self) -> dict:
         if not hasattr(self, "_noisy"):
+            if not (self.work / "noisy.pt").is_file():  # a new work folder: seeded, made again identically
+                self.stage_noisy()
             self._noisy = torch.load(self.work / "noisy.pt", weights_only=True)
         return self._noisy
 
