@@ -88,6 +88,24 @@ class PluginInfo:
     error: str | None = None
 
 
+def unknown_hooks(plugin: Any) -> list[str]:
+    """One sentence per hook implementation of ``plugin`` that names no hook of benchbase (a
+    misspelled ``register_attack`` would otherwise be ignored without a word), with the
+    closest hook name."""
+    known = {n for n in dir(hookspecs) if n.startswith("register_")}
+    problems = []
+    for attr in dir(plugin):
+        marker = getattr(getattr(plugin, attr, None), "benchbase_impl", None)
+        if not isinstance(marker, dict) or marker.get("optionalhook"):
+            continue
+        name = marker.get("specname") or attr
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; hooks are {', '.join(sorted(known))}"
+            problems.append(f"unknown hook {name!r}{hint}")
+    return problems
+
+
 class PluginManager:
     """Finds plugins and resolves component names per family.
 
@@ -108,6 +126,9 @@ class PluginManager:
     # -- registration -------------------------------------------------------------------
     def register(self, plugin: Any, name: str | None = None) -> None:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        problems = unknown_hooks(plugin)
+        if problems:
+            raise PluginError(f"plugin {name!r}: {'; '.join(problems)}")
         self._pm.register(plugin, name=name)
         self.plugins.setdefault(name, PluginInfo(name=name, source="registered"))
         self._entries = self._models = None
@@ -131,7 +152,11 @@ class PluginManager:
             if self._pm.has_plugin(ep.name):
                 continue
             try:
-                self._pm.register(ep.load(), name=ep.name)
+                plugin = ep.load()
+                problems = unknown_hooks(plugin)
+                if problems:  # reported like a plugin that fails to import; the others load
+                    raise PluginError("; ".join(problems))
+                self._pm.register(plugin, name=ep.name)
                 self.plugins[ep.name] = info
             except Exception as exc:  # one broken plugin must not break the others
                 info.error = f"{type(exc).__name__}: {exc}"
@@ -141,11 +166,17 @@ class PluginManager:
                 continue
             info = PluginInfo(name=module_name, source="module")
             try:
-                self._pm.register(importlib.import_module(module_name), name=module_name)
+                plugin = importlib.import_module(module_name)
+                problems = unknown_hooks(plugin)
+                if problems:
+                    raise PluginError("; ".join(problems))
+                self._pm.register(plugin, name=module_name)
                 self.plugins[module_name] = info
             except Exception as exc:
                 info.error = f"{type(exc).__name__}: {exc}"
                 self.failures.append(info)
+
+        self._pm.check_pending()  # pluggy's own check: nothing registered may name an unknown hook
 
     # -- lookup -------------------------------------------------------------------------
     def entries(self, family: str) -> dict[str, Entry]:

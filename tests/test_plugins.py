@@ -170,3 +170,26 @@ def test_installed_plugin_runs_by_name_in_a_suite(installed_example, monkeypatch
     assert all(r["status"] == "ok" for r in summary.records), summary.records
     protected = [r for r in summary.records if r["metric"] == "psnr"][0]["value"]
     assert 20 < protected < 60  # a ±4-level checkerboard: PSNR ≈ 20·log10(255/4) ≈ 36 dB
+
+
+def test_a_misspelled_hook_is_one_clear_error_naming_the_closest_hook(tmp_path, monkeypatch):
+    """`register_attack` for `register_attacks` used to be ignored without a word."""
+    import sys
+
+    from benchbase.errors import PluginError
+    from benchbase.plugins import PluginManager
+
+    (tmp_path / "typo_plugin.py").write_text(
+        "from benchbase.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_attack(register):\n    register('typo-attack', 'x:y')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("typo_plugin", None)
+    import typo_plugin
+
+    with pytest.raises(PluginError, match="register_attack.*did you mean 'register_attacks'"):
+        PluginManager(entry_points=False).register(typo_plugin)
+    # found by discovery: reported like a plugin that fails to import, and the bundled ones still load
+    monkeypatch.setenv("BENCHBASE_PLUGIN_MODULES", "typo_plugin")
+    pm = PluginManager()
+    assert "aspl" in pm.entries("attacks")
+    assert [f.name for f in pm.failures] == ["typo_plugin"] and "register_attacks" in pm.failures[0].error
