@@ -1,9 +1,13 @@
 """benchbase-mini: a trained miniature Stable-Diffusion world (docs/mini.md), one plugin.
 
-``portraits`` (procedural identities), ``models`` (architectures, shipped weights, diffusers
-folders built from them), ``train`` (``benchbase train-mini``), ``backend`` and ``dataset``
-(the ``mini`` backend and dataset), ``roles`` (its face detector, face embedder, CLIP and x4
-upscaler in the shape each role asks for); ``weights/`` holds the shipped weights and model card.
+``portraits`` (procedural identities; protocol and selection identities), ``models``
+(architectures, shipped weights per version, diffusers folders built from them), ``organs``
+(world v3's face restorer, pixel diffusion model, degradations and noise overlays), ``train``
+and ``train_v3`` (``benchbase train-mini [--version v3]``), ``checks`` (``benchbase
+mini-checks``: v3's clean checks), ``backend`` and ``dataset`` (the ``mini`` backend, with its
+``version``, and dataset), ``roles`` (its models in the shape each role asks for: ``mini`` for
+v2, ``mini-v3`` for v3); ``weights/`` holds v2's shipped weights and model card, ``weights/v3/``
+v3's once trained.
 Everything is registered below; nothing outside this package names the world.
 """
 
