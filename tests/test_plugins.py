@@ -135,10 +135,17 @@ def test_plugins_command_reports_a_broken_plugin():
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
     """docs/example-plugin installed as a separate distribution into its own folder."""
+    import shutil
+
     target = tmp_path_factory.mktemp("site")
     build = tmp_path_factory.mktemp("build")
+    # built from a copy: an in-tree build leaves benchbase_example.egg-info in docs/example-plugin,
+    # which the example's own tests put on sys.path, so a later test session would discover the
+    # example's components as if they were installed
+    source = shutil.copytree(ROOT / "docs" / "example-plugin", build / "example-plugin",
+                             ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT / "docs" / "example-plugin")],
+                    "--target", str(target), str(source)],
                    check=True, cwd=build, timeout=300)
     return target
 
