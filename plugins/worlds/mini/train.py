@@ -351,11 +351,24 @@ class Trainer:
         ids[u < 0.1] = empty
         return ids
 
+    def unet_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(clean latents, caption ids or None) of a UNet step, drawn before the step's noise.
+        v2 draws its captions after the noise (None here: ``caption_batch`` then); v3 swaps in
+        noisy portraits with their captions first."""
+        return self._latents[idx], None
+
+    def unet_step_done(self, step: int, ema_te, ema_unet) -> None:
+        """After each UNet step (v3 saves EMA snapshots here)."""
+
+    def unet_finish(self, ema_te, ema_unet) -> None:
+        M.save_weights(self.out / "text_encoder.safetensors", ema_te.state_dict(), SEEDS["text_embedding"])
+        M.save_weights(self.out / "unet.safetensors", ema_unet.state_dict())
+
     def stage_unet(self) -> None:
         from diffusers import DDPMScheduler
 
         cfg = self.cfg
-        lat = self.latents()
+        lat = self._latents = self.latents()
         torch.manual_seed(cfg["seed"] + 1)
         te = M.build_text_encoder(self.tokenizer)
         M.init_embedding(te.get_input_embeddings(), SEEDS["text_embedding"])
@@ -378,11 +391,11 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = cfg["unet_lr"] * min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
             idx = self.batch_idx(len(lat), cfg["unet_batch"], gen)
-            z0 = lat[idx]
+            z0, ids = self.unet_batch(idx, gen)
             noise = torch.randn(z0.shape, generator=gen)
             t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
             zt = sched.add_noise(z0, noise, t)
-            h = te(self.caption_batch(idx, gen))[0]
+            h = te(ids if ids is not None else self.caption_batch(idx, gen))[0]
             loss = F.mse_loss(unet(zt, t, h).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -392,12 +405,12 @@ class Trainer:
             with torch.no_grad():
                 for e, p in pairs:  # lerp leaves untouched embedding rows bit-exact (sparse storage)
                     e.lerp_(p, 1 - decay)
+            self.unet_step_done(i, ema_te, ema_unet)
             return {"mse": loss.item()}
 
         self.loop("unet", cfg["unet_steps"], {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet},
                   opt, step)
-        M.save_weights(self.out / "text_encoder.safetensors", ema_te.state_dict(), SEEDS["text_embedding"])
-        M.save_weights(self.out / "unet.safetensors", ema_unet.state_dict())
+        self.unet_finish(ema_te, ema_unet)
 
     def load_text_encoder(self):
         return M.load_text_encoder(self.out, self.tokenizer)[1].eval().requires_grad_(False)

@@ -233,65 +233,33 @@ class TrainerV3(Trainer):
         M.save_weights(self.out / "clip.safetensors", model.state_dict(), SEEDS["clip_embedding"])
 
     # ------------------------------------------------------------------ UNet + text encoder
-    def stage_unet(self) -> None:
-        from diffusers import DDPMScheduler
+    # v2's stage_unet (same recipe, schedule and draws), with three hooks
+    def unet_batch(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A share of the examples swapped for a noisy portrait with its caption (70 % the photo's
+        caption + phrase, 20 % the class prompt + phrase, 10 % empty, as every caption)."""
+        nz = self.noisy()
+        z0 = self._latents[idx].clone()
+        ids = self.caption_batch(idx, gen)
+        swap = torch.rand(len(idx), generator=gen) < self.cfg["noisy_share"]
+        if swap.any():
+            m = int(swap.sum())
+            pick = self.batch_idx(len(nz["rows"]), m, gen)
+            z0[swap] = nz["latents"][pick]
+            u = torch.rand(m, generator=gen)
+            noisy_ids = torch.where((u < 0.7)[:, None], nz["caption_ids"][pick], nz["class_ids"][pick])
+            noisy_ids[u >= 0.9] = self.class_and_empty_ids()[1]
+            ids[swap] = noisy_ids
+        return z0, ids
 
-        cfg = self.cfg
-        lat, nz = self.latents(), self.noisy()
-        torch.manual_seed(cfg["seed"] + 1)
-        te = M.build_text_encoder(self.tokenizer)
-        M.init_embedding(te.get_input_embeddings(), SEEDS["text_embedding"])
-        unet = M.build_unet()
-        sched = DDPMScheduler.from_config(M.sd_scheduler().config)
-        emb_params = list(te.get_input_embeddings().parameters())
-        others = [p for p in list(te.parameters()) + list(unet.parameters()) if all(p is not e for e in emb_params)]
-        opt = torch.optim.AdamW([{"params": others}, {"params": emb_params}], lr=cfg["unet_lr"], weight_decay=0.0)
-        ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
-        pairs = [(e, p) for ema, live in ((ema_te, te), (ema_unet, unet))
-                 for e, p in zip(ema.parameters(), live.parameters())]
-        warm, every = 200, cfg["unet_snapshot_every"]
-        snaps = self.work / "unet-snapshots"
-        snaps.mkdir(exist_ok=True)
+    def unet_step_done(self, step: int, ema_te, ema_unet) -> None:
+        if (step + 1) % self.cfg["unet_snapshot_every"] == 0:  # candidates for the clean check ("unet_ship_step")
+            snaps = self.work / "unet-snapshots"
+            snaps.mkdir(exist_ok=True)
+            M.save_weights(snaps / f"text_encoder-{step + 1}.safetensors", ema_te.state_dict(), SEEDS["text_embedding"])
+            M.save_weights(snaps / f"unet-{step + 1}.safetensors", ema_unet.state_dict())
 
-        def step(i, gen):
-            frac = max(0.0, (i - warm) / max(1, cfg["unet_schedule_steps"] - warm))
-            for g in opt.param_groups:
-                g["lr"] = cfg["unet_lr"] * min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-            idx = self.batch_idx(len(lat), cfg["unet_batch"], gen)
-            z0 = lat[idx].clone()
-            ids = self.caption_batch(idx, gen)
-            # a share of the examples swapped for a noisy portrait with its caption (70 % the
-            # photo's caption + phrase, 20 % the class prompt + phrase, 10 % empty as every caption)
-            swap = torch.rand(len(idx), generator=gen) < cfg["noisy_share"]
-            if swap.any():
-                m = int(swap.sum())
-                pick = self.batch_idx(len(nz["rows"]), m, gen)
-                z0[swap] = nz["latents"][pick]
-                u = torch.rand(m, generator=gen)
-                noisy_ids = torch.where((u < 0.7)[:, None], nz["caption_ids"][pick], nz["class_ids"][pick])
-                noisy_ids[u >= 0.9] = self.class_and_empty_ids()[1]
-                ids[swap] = noisy_ids
-            noise = torch.randn(z0.shape, generator=gen)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(z0),), generator=gen)
-            zt = sched.add_noise(z0, noise, t)
-            h = te(ids)[0]
-            loss = F.mse_loss(unet(zt, t, h).sample, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(others, 1.0)
-            opt.step()
-            decay = min(cfg["unet_ema"], (1 + i) / (10 + i))
-            with torch.no_grad():
-                for e, p in pairs:
-                    e.lerp_(p, 1 - decay)
-            if (i + 1) % every == 0:  # candidates for the clean check (model card: "unet_ship_step")
-                M.save_weights(snaps / f"text_encoder-{i + 1}.safetensors", ema_te.state_dict(), SEEDS["text_embedding"])
-                M.save_weights(snaps / f"unet-{i + 1}.safetensors", ema_unet.state_dict())
-            return {"mse": loss.item()}
-
-        self.loop("unet", cfg["unet_steps"], {"te": te, "unet": unet, "ema_te": ema_te, "ema_unet": ema_unet},
-                  opt, step)
-        self.ship_unet(cfg["unet_ship_step"])
+    def unet_finish(self, ema_te, ema_unet) -> None:
+        self.ship_unet(self.cfg["unet_ship_step"])
 
     def ship_unet(self, step: int) -> None:
         snaps = self.work / "unet-snapshots"
