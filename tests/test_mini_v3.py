@@ -161,3 +161,26 @@ def test_v3_train_script_runs_end_to_end_at_a_tiny_scale(tmp_path):
             "detector_degraded_recall"} <= set(info["eval"])
     assert main(args) == 0
     assert M.world_info(out)["seconds"] == info["seconds"]
+
+
+def test_clean_checks_are_read_from_a_selection_run(tmp_path):
+    """`benchbase mini-checks`: means over the run's identities, realign's drop per chain."""
+    from benchbase.records import Record, dumps_records
+    from benchbase_plugins.worlds.mini.checks import from_run
+
+    def rec(identity, purifier, personalizer, metric, value, status="ok"):
+        return Record(identity=identity, seed=0, attack="none", purifier=purifier, defense="none",
+                      personalizer=personalizer, metric=metric, direction="lower", status=status, value=value)
+
+    records = []
+    for ident, db, base, realigned in (("heldout-500", 0.6, 0.05, 0.58), ("heldout-501", 0.5, 0.03, 0.40)):
+        records += [rec(ident, "none", "dreambooth", "ism", db), rec(ident, "none", "base", "ism", base),
+                    rec(ident, "none", "dreambooth", "ism-ceiling", 0.9), rec(ident, "none", "dreambooth", "fdfr", 0.1),
+                    rec(ident, "none", "base", "fdfr", 0.2), rec(ident, "realign-quarter", "dreambooth", "ism", realigned)]
+    records.append(rec("heldout-501", "realign-half", "dreambooth", "ism", None, status="failed"))
+    (tmp_path / "results.jsonl").write_text(dumps_records(records))
+    checks = from_run(tmp_path)
+    assert checks["selection_identities"] == ["heldout-500", "heldout-501"]
+    assert checks["dreambooth_ism"] == 0.55 and checks["base_ism"] == 0.04 and checks["ceiling_ism"] == 0.9
+    assert checks["fdfr_dreambooth"] == 0.1 and checks["fdfr_base"] == 0.2
+    assert checks["realign_clean_ism_drop"] == {"realign-quarter": 0.06}  # a chain with no ok record is left out
