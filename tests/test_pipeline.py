@@ -312,7 +312,7 @@ def test_leaderboard_header_names_the_face_models():
     assert "Face models" not in leaderboard.header({}, df[df["metric"] == "psnr"])
 
 
-# -- unavailable: a stage of any family that cannot run here (issue 26 item 1) -------------------
+# -- unavailable: a stage of any family that cannot run here -------------------
 
 class Absent:
     """Raises ``benchbase.Unavailable`` until ``Absent.installed`` (the weights "arrive")."""

@@ -1,4 +1,4 @@
-"""A quiet run (issue 26 item 7): `benchbase run` prints benchbase's own lines and nothing else —
+"""A quiet run: `benchbase run` prints benchbase's own lines and nothing else —
 no library warning, banner or per-worker log line — with the local executor and with Ray.
 
 The suite is the built-in `smoke` (every stage kind, every metric it scores, so every library it
@@ -69,7 +69,7 @@ def test_a_normal_run_prints_only_benchbase_lines(tmp_path, executor):
 
 
 def test_the_check_sees_a_foreign_line():
-    """The filter above is not vacuous: the line issue 26 reported is foreign, ours are not."""
+    """The filter above is not vacuous: the kernels trust-check line is foreign, ours are not."""
     worker = ("(benchbase:personalize:4e3bd5eb pid=9653) Skipping publisher trust check for "
               "'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode.")
     ours = "leaderboard: runs/smoke/leaderboard/leaderboard.md"

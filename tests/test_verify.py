@@ -1,4 +1,4 @@
-"""`benchbase verify` (issue 26 item 3): every stage records the SHA-256 of its files; verify
+"""`benchbase verify`: every stage records the SHA-256 of its files; verify
 re-hashes them, names every damaged stage, exits 1, and marks it and everything computed from it,
 so the next run recomputes exactly those — and its records equal the undamaged run's."""
 
